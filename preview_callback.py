@@ -1,0 +1,141 @@
+"""Watch the model learn: answers to fixed prompts, before training, every N optimizer
+steps, and at the end, printed to the log and appended to `previews.jsonl` and
+`previews.md` in the output directory.
+
+Works with any `transformers.Trainer` (TRL's `SFTTrainer` and `GRPOTrainer` included):
+
+    trainer.add_callback(PreviewCallback(tokenizer, output_dir, every=100))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, TrainerCallback
+
+from common import END, InputError, count_words, format_prompt
+
+# One per thing the runs should change: chat style, stopping, a word limit, code.
+DEFAULT_PROMPTS = [
+    "What is the difference between weather and climate?",
+    "Explain why the sky is blue in under 50 words.",
+    "Write a Python function that checks whether a word is a palindrome.",
+    "Give me three tips for a job interview.",
+]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a `.jsonl` file of `{"prompt": ...}` rows (as data_prep writes them)
+    or a `.txt` file, one prompt per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prompt file not found")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                prompts.append(line.strip())
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise InputError(f"{path}:{n}: field 'prompt' must be a string")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise InputError(f"{path}: no prompts in the file")
+    return prompts
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
+                     batch_size: int = 8) -> list[dict]:
+    """Greedy answers in the chat format, batched. Puts back what it changes: the
+    model's train mode and the tokenizer's padding side."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,  # also while training uses gradient checkpointing (it is off in eval mode)
+        eos_token_id=end_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = next(model.parameters()).device
+    model.eval()  # no dropout: identical weights give identical text
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            enc = tokenizer([format_prompt(p) for p in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, generation_config=config)
+            for prompt, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+                ids = ids.tolist()
+                ended = end_id in ids
+                text = tokenizer.decode(ids[: ids.index(end_id)] if ended else ids, skip_special_tokens=True)
+                answers.append({"prompt": prompt, "answer": text.strip(), "words": count_words(text),
+                                "ended": ended})
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return answers
+
+
+class PreviewCallback(TrainerCallback):
+    """Generate answers to `prompts` at step 0 (the untrained baseline), every `every`
+    optimizer steps, and after the last step. Only the main process generates; the others
+    go on to the next step and wait for it there, at the gradient sync."""
+
+    def __init__(self, tokenizer, output_dir: str | Path, prompts: list[str] | None = None,
+                 every: int = 100, max_new_tokens: int = 128):
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir)
+        self.prompts = list(prompts or DEFAULT_PROMPTS)
+        self.every = every
+        self.max_new_tokens = max_new_tokens
+        self.last_step = None
+        self.seconds = 0.0  # time spent generating, to weigh against training time
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.preview(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.preview(model, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.preview(model, state)
+
+    def preview(self, model, state) -> list[dict] | None:
+        if not state.is_world_process_zero or state.global_step == self.last_step or model is None:
+            return None
+        self.last_step = state.global_step
+        start = time.perf_counter()
+        answers = generate_answers(model, self.tokenizer, self.prompts, self.max_new_tokens)
+        self.seconds += time.perf_counter() - start
+        self.write(state.global_step, answers)
+        return answers
+
+    def write(self, step: int, answers: list[dict]) -> None:
+        title = f"Preview at step {step}" + (" (before training)" if step == 0 else "")
+        blocks = [f"## {title}\n"]
+        for a in answers:
+            status = "" if a["ended"] else ", cut off"
+            quoted = "\n".join("> " + line for line in (a["answer"] or "(empty)").splitlines())
+            blocks.append(f"**Prompt:** {a['prompt']}\n\n**Answer** ({a['words']} words{status}):\n\n{quoted}\n")
+        text = "\n".join(blocks)
+        print(f"\n{'=' * 80}\n{text}{'=' * 80}\n", flush=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # One write each: a crash leaves whole previews, never half of one.
+        with open(self.output_dir / "previews.md", "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+        with open(self.output_dir / "previews.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"step": step, **a}, ensure_ascii=False) + "\n" for a in answers))
