@@ -77,10 +77,17 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows) -> int:
@@ -312,8 +319,3 @@ def plot_history(log_history: list[dict], series: dict[str, str], path: str | os
     plt.close(fig)
     os.replace(tmp, path)
     return True
-
-
-class InputError(Exception):
-    """Bad input or arguments, said in one line for the user: scripts print it and exit 2,
-    without a traceback."""

@@ -76,7 +76,7 @@ def pretrain(model, tokenizer, texts, steps: int, seq_len: int = 128, batch_size
 
 
 def build(output_dir: str | Path, sample: str | Path = SAMPLE, vocab_size: int = 1000, spare_rows: int = 24,
-          seed: int = 0, pretrain_steps: int = 300) -> Path:
+          seed: int = 0, pretrain_steps: int = 200) -> Path:
     output_dir = Path(output_dir)
     texts = list(sample_texts(Path(sample)))
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -110,7 +110,7 @@ if __name__ == "__main__":
     parser.add_argument("--sample", default=str(SAMPLE), help="JSONL with a 'text' field to train the tokenizer on")
     parser.add_argument("--vocab_size", type=int, default=1000, help="BPE vocabulary trained on the sample")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain_steps", type=int, default=300, help="0: leave the weights random")
+    parser.add_argument("--pretrain_steps", type=int, default=200, help="0: leave the weights random")
     args = parser.parse_args()
     path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed,
                  pretrain_steps=args.pretrain_steps)

@@ -1,0 +1,689 @@
+"""Turn OpenAssistant oasst1 into chat JSONL for SFT, plus prompts for GRPO.
+
+    python data_prep.py                                      # the Hub dataset -> data/
+    python data_prep.py --dataset_name dump.trees.jsonl.gz --strategy all_replies
+    python data_prep.py --tokenizer microsoft/phi-2          # also report token lengths
+    python data_prep.py --config data_prep.yaml              # the same flags, from YAML
+
+oasst1 is a forest of conversation trees: a user prompt, several assistant replies ranked
+by volunteers, user follow-ups to each reply, and so on. The rows are flat messages linked
+by parent_id. This script
+
+  1. reads the messages (the Hub, flat .jsonl / .jsonl.gz / .parquet rows, or the nested
+     *.trees.jsonl[.gz] export), checking every field, so a bad line stops the run with
+     its file:line instead of surfacing later as a strange training example;
+  2. drops deleted messages, messages that failed review and other languages, and with
+     them every message whose parent is gone (so whole subtrees go);
+  3. turns each tree into conversations (--strategy, below);
+  4. splits by tree into train / eval: no tree, and no identical opening prompt, is on
+     both sides;
+  5. writes train.jsonl and eval.jsonl ({"text", "messages"}), grpo_prompts.jsonl (first
+     prompts of train trees) and heldout_prompts.jsonl (of eval trees), as
+     {"prompt", "word_limit"}, a share (--word_limit_fraction) asking for a word limit.
+     Rows are in seeded random order, so the first N are a fair sample. Nothing is
+     written until all of it is built, and each file is replaced atomically.
+
+Strategies
+  best_thread (default): one conversation per tree, following the best-ranked reply at
+      every level. The volunteers' top choice is the cleanest target; each prompt is
+      trained on once, so trees with many replies are not over-weighted by near-duplicate
+      examples, and the train / eval split stays a split of distinct conversations.
+  all_replies: one example per surviving assistant reply, its ancestors as the history.
+      Several times as many examples, but every prompt recurs with each of its replies,
+      including the ones ranked worst.
+
+Counts. The real oasst1 cannot be downloaded where this was written, so there are no
+counts for it here. Measured instead on the benchmark's SYNTHETIC oasst1-sized file
+(88,838 messages in 10,415 trees, seed 0, made by benchmarks/bench_data_prep.py; not real
+data), with the defaults (--lang en, --eval_fraction 0.05, --seed 42): 30,655 messages
+survive the filters, and 4,263 trees give conversations.
+  best_thread:  4,053 train / 210 eval conversations
+  all_replies: 18,181 train / 942 eval examples (4.5x)
+  either: 3,999 GRPO prompts (distinct openings of train trees), 210 held-out prompts
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+from trl import TrlParser
+
+from common import InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, write_jsonl_atomic
+
+STRATEGIES = ("best_thread", "all_replies")
+ROLES = {"prompter": "user", "assistant": "assistant"}
+
+# Word-limit instructions for GRPO prompts. Varied, so the policy learns to read the limit
+# rather than one fixed sentence. Some say "under N", some "at most N": `word_limit` is N,
+# and the reward decides how strict to be. Each holds `{n}` exactly once.
+WORD_LIMIT_TEMPLATES = [
+    "Answer in under {n} words.",
+    "Please keep it to no more than {n} words.",
+    "Answer with less than {n} words.",
+    "Keep it within {n} words.",
+    "Respond in fewer than {n} words.",
+    "Use at most {n} words.",
+    "(Max {n} words.)",
+    "Reply in {n} words or less.",
+    "Keep your answer under {n} words.",
+    "Limit your response to {n} words.",
+]
+WORD_LIMITS = (20, 25, 30, 40, 50, 60, 75, 80, 100, 120, 150)
+
+# (how the name ends, how to read it); the first match wins, so .trees.* come first.
+FORMATS = (
+    (".trees.jsonl.gz", "trees"),
+    (".trees.jsonl", "trees"),
+    (".jsonl.gz", "jsonl"),
+    (".jsonl", "jsonl"),
+    (".parquet", "parquet"),
+)
+# A name with one of these suffixes is meant as a file, not a Hub id.
+FILE_SUFFIXES = {".json", ".jsonl", ".gz", ".parquet", ".csv", ".tsv", ".txt", ".zip", ".arrow"}
+DROP_REASONS = (
+    "deleted",
+    "failed_review",
+    "empty_text",
+    "other_lang",
+    "role_order",  # an assistant opening a tree, or two turns of one role in a row
+    "tree_root_dropped",  # below a root prompt that was deleted or failed review
+    "parent_missing",  # below a dropped message, or its parent is not in the input
+)
+# The fields we read; the rest (user_id, emojis, labels, ...) is ignored.
+MESSAGE_FIELDS = {"message_id", "parent_id", "message_tree_id", "role", "text", "lang"}
+MESSAGE_FIELDS |= {"deleted", "review_result", "rank", "created_date"}
+LANG_NAMES = {"en": "English"}
+OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "grpo_prompts.jsonl", "heldout_prompts.jsonl")
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(
+        default="OpenAssistant/oasst1",
+        metadata={
+            "help": "Hub dataset id (train + validation are used), or a local file of flat message rows "
+            "(.jsonl, .jsonl.gz, .parquet) or of nested trees (.trees.jsonl, .trees.jsonl.gz)."
+        },
+    )
+    output_dir: str = field(
+        default="data",
+        metadata={"help": "Where train.jsonl, eval.jsonl, grpo_prompts.jsonl and heldout_prompts.jsonl go."},
+    )
+    strategy: str = field(
+        default="best_thread",
+        metadata={
+            "help": "best_thread: one conversation per tree along the best-ranked reply at each level (the "
+            "volunteers' top choice, every prompt once, no near-duplicates over-weighting popular trees). "
+            "all_replies: one example per assistant reply with its ancestors as history (several times "
+            "more, prompts repeated, worst-ranked replies included).",
+            "choices": list(STRATEGIES),
+        },
+    )
+    lang: str = field(
+        default="en",
+        metadata={"help": "Keep messages in this language code (comma-separate several: en,de), or 'all'."},
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of trees held out for eval.jsonl and heldout_prompts.jsonl."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for the split, the train cap and the word limits."})
+    max_examples: int = field(
+        default=32000, metadata={"help": "Most train examples to keep (a seeded subsample); eval is not capped."}
+    )
+    word_limit_fraction: float = field(
+        default=0.5, metadata={"help": "Share of GRPO and held-out prompts that get a word-limit instruction."}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer path or Hub id: if given, report token lengths of the train texts."},
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "With --tokenizer: count the train texts longer than this many tokens."}
+    )
+    skip_bad_lines: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) malformed lines or rows instead of stopping at the first one."},
+    )
+
+
+class BadRow(Exception):
+    """One line or row is unusable; the reader adds where it is."""
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Read: every source becomes the same list of checked message dicts.
+# ---------------------------------------------------------------------------------------
+def source_kind(name: str) -> str:
+    """'trees', 'jsonl', 'parquet' for a local file, 'hub' for a dataset id."""
+    path = Path(name)
+    kind = next((k for ext, k in FORMATS if name.lower().endswith(ext)), None)
+    if kind is None:
+        if path.exists() or path.suffix.lower() in FILE_SUFFIXES:
+            accepted = ", ".join(ext for ext, _ in reversed(FORMATS))
+            raise InputError(
+                f"{name}: unknown file type; data_prep reads {accepted}, or a Hub dataset id like OpenAssistant/oasst1"
+            )
+        return "hub"
+    if path.is_dir():
+        raise InputError(f"{name}: is a directory, not a file")
+    if not path.is_file():
+        raise InputError(f"{name}: file not found")
+    return kind
+
+
+def jsonl_lines(path: str):
+    """(where, line) for each non-blank line. Read by hand: the `datasets` JSON loader
+    does not say which line is bad."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(tqdm(f, desc="reading", unit=" lines", disable=None), 1):
+                if line.strip():
+                    yield f"{path}:{lineno}", line
+    except UnicodeDecodeError:
+        raise InputError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+    except (OSError, EOFError) as e:
+        raise InputError(f"{path}: cannot read it: {e}") from None
+
+
+def parquet_rows(path: str):
+    import pyarrow.parquet as pq  # only this source needs it
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InputError(f"{path}: cannot read it as parquet: {one_line(e)}") from None
+    # Only the columns we use: the nested detoxify / emojis / labels ones are slow to convert.
+    table = table.select([c for c in table.column_names if c in MESSAGE_FIELDS])
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i} (from 0)", row
+
+
+def hub_rows(name: str):
+    import datasets  # slow to import, and only this source needs it
+
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:
+        raise InputError(f"could not load {name!r} from the Hub: {one_line(e)}") from None
+    for split in ("train", "validation"):
+        if split in ds:
+            part = ds[split].select_columns([c for c in ds[split].column_names if c in MESSAGE_FIELDS])
+            for i, row in enumerate(part.to_list()):
+                yield f"{name}[{split}] row {i}", row
+
+
+def read_messages(args: ScriptArguments, kind: str, summary: dict) -> list[dict]:
+    records = {"trees": jsonl_lines, "jsonl": jsonl_lines, "parquet": parquet_rows, "hub": hub_rows}[kind]
+    unit = "line" if kind in ("trees", "jsonl") else "row"
+    messages, first_seen, skipped = [], {}, []
+    for where, record in records(args.dataset_name):
+        try:
+            batch = flatten_tree(decode(record)) if kind == "trees" else [parse_message(decode(record))]
+            check_unique_ids(batch, first_seen)
+        except BadRow as e:
+            if not args.skip_bad_lines:
+                raise InputError(f"{where}: {e}. Fix the {unit} or pass --skip_bad_lines to skip it.") from None
+            skipped.append(f"{where}: {e}")
+            continue
+        for m in batch:
+            first_seen[m["id"]] = where
+        messages.extend(batch)
+    summary["messages_read"] = len(messages)
+    summary["bad_lines_skipped"] = len(skipped)
+    summary["bad_lines_first"] = skipped[:5]
+    summary["trees_read"] = len({m["tree"] for m in messages})
+    return messages
+
+
+def decode(record):
+    if not isinstance(record, str):
+        return record
+    try:
+        return json.loads(record)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def check_unique_ids(batch: list[dict], first_seen: dict) -> None:
+    ids = set()
+    for m in batch:
+        if m["id"] in first_seen or m["id"] in ids:
+            where = first_seen.get(m["id"], "this line")
+            raise BadRow(f"duplicate message_id {m['id']!r} (first seen at {where})")
+        ids.add(m["id"])
+
+
+def flatten_tree(tree) -> list[dict]:
+    """One line of the nested export -> its messages, parent_id taken from the nesting."""
+    if not isinstance(tree, dict):
+        raise BadRow(f"expected a JSON object (one tree), got {short(tree)}")
+    tree_id = tree.get("message_tree_id")
+    if not isinstance(tree_id, str) or not tree_id:
+        raise BadRow(missing_or_wrong("message_tree_id", tree, "a non-empty string"))
+    if not isinstance(tree.get("prompt"), dict):
+        raise BadRow(missing_or_wrong("prompt", tree, "a message object"))
+    out, stack = [], [(tree["prompt"], None, "prompt")]
+    while stack:
+        node, parent_id, path = stack.pop()
+        message = parse_message(node, prefix=f"{path}.", nested=(parent_id, tree_id))
+        out.append(message)
+        replies = node.get("replies", [])
+        if not isinstance(replies, list):
+            raise BadRow(f"field '{path}.replies' must be a list, got {short(replies)}")
+        stack.extend((reply, message["id"], f"{path}.replies[{i}]") for i, reply in enumerate(replies))
+    return out
+
+
+def parse_message(raw, prefix: str = "", nested: tuple | None = None) -> dict:
+    """Check one message's fields and keep what we use. `nested` is (parent_id, tree_id)
+    for a message from a trees export, where those come from the structure."""
+    if not isinstance(raw, dict):
+        if prefix:
+            raise BadRow(f"field '{prefix[:-1]}' must be a message object, got {short(raw)}")
+        raise BadRow(f"expected a JSON object, got {short(raw)}")
+
+    def get(name, check, expected, required=True):
+        if name not in raw:
+            if required:
+                raise BadRow(f"missing required field '{prefix}{name}'")
+            return None
+        if not check(raw[name]):
+            raise BadRow(f"field '{prefix}{name}' must be {expected}, got {short(raw[name])}")
+        return raw[name]
+
+    message_id = get("message_id", is_id, "a non-empty string")
+    if nested is None:
+        parent_id = get("parent_id", is_str_or_none, "a string or null (null for a root prompt)")
+        tree_id = get("message_tree_id", is_id, "a non-empty string")
+    else:
+        parent_id, tree_id = nested
+    role = get("role", is_role, "'prompter' or 'assistant'")
+    text = get("text", is_str, "a string")
+    lang = get("lang", is_str_or_none, "a string or null")
+    # The export leaves out false / null fields, so these may be absent.
+    deleted = get("deleted", is_bool_or_none, "true or false", required=False)
+    review = get("review_result", is_bool_or_none, "true, false or null", required=False)
+    rank = get("rank", is_number_or_none, "a number or null", required=False)
+    date = get("created_date", is_date, "an ISO date like 2023-02-05T14:23:50+00:00, or null", required=False)
+    return {
+        "id": message_id,
+        "parent": parent_id,
+        "tree": tree_id,
+        "role": role,
+        # oasst texts often end in stray newlines; trained on, they would come before <|end|>.
+        "text": text.strip(),
+        "lang": lang.lower() if lang else None,
+        "deleted": deleted is True,
+        "review": review,
+        "rank": None if rank is None or math.isnan(rank) else rank,
+        "date": date_key(date),
+    }
+
+
+def is_str(v):
+    return isinstance(v, str)
+
+
+def is_id(v):
+    return isinstance(v, str) and v != ""
+
+
+def is_str_or_none(v):
+    return v is None or isinstance(v, str)
+
+
+def is_bool_or_none(v):
+    return v is None or isinstance(v, bool)
+
+
+def is_number_or_none(v):
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def is_role(v):
+    return isinstance(v, str) and v in ROLES
+
+
+def is_date(v):
+    try:
+        date_key(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def date_key(v) -> float:
+    """Seconds since the epoch (UTC when no zone is given); undated messages sort last."""
+    if v is None:
+        return math.inf
+    dt = v if isinstance(v, datetime) else datetime.fromisoformat(v)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def short(value) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def missing_or_wrong(name: str, raw: dict, expected: str) -> str:
+    if name not in raw:
+        return f"missing required field '{name}'"
+    return f"field '{name}' must be {expected}, got {short(raw[name])}"
+
+
+def one_line(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Filter: walk down from the roots, so a dropped message takes its subtree with it.
+# ---------------------------------------------------------------------------------------
+def own_drop_reason(m: dict, langs: set | None) -> str | None:
+    if m["deleted"]:
+        return "deleted"
+    if m["review"] is False:  # null means not reviewed yet, which is fine
+        return "failed_review"
+    if not m["text"]:
+        return "empty_text"
+    if langs is not None and m["lang"] not in langs:
+        return "other_lang"
+    return None
+
+
+def prune(messages: list[dict], langs: set | None, summary: dict) -> tuple[list[dict], dict]:
+    """Surviving root prompts (sorted by tree id) and, for each surviving message id, its
+    surviving replies, best first."""
+    replies = defaultdict(list)
+    roots = []
+    for m in messages:
+        (roots if m["parent"] is None else replies[m["parent"]]).append(m)
+
+    dropped = Counter(dict.fromkeys(DROP_REASONS, 0))
+    kept_roots, kept = [], defaultdict(list)
+    reached = set()
+    trees_dropped_root = 0
+    # (message, its surviving parent or None, the reason inherited from above or None)
+    stack = [(root, None, None) for root in roots]
+    while stack:
+        m, parent, inherited = stack.pop()
+        reached.add(m["id"])
+        reason = own_drop_reason(m, langs) or inherited
+        expected_role = "assistant" if parent and parent["role"] == "prompter" else "prompter"
+        if reason is None and m["role"] != expected_role:
+            reason = "role_order"
+        if reason is None:
+            (kept[parent["id"]] if parent else kept_roots).append(m)
+            below = None
+        else:
+            dropped[reason] += 1
+            if m["parent"] is None and reason in ("deleted", "failed_review"):
+                trees_dropped_root += 1
+                below = "tree_root_dropped"
+            else:
+                below = inherited or "parent_missing"
+        stack.extend((child, m if below is None else None, below) for child in replies.get(m["id"], ()))
+    # Never reached from a root: the parent is absent (or the ids loop).
+    for m in messages:
+        if m["id"] not in reached:
+            dropped[own_drop_reason(m, langs) or "parent_missing"] += 1
+
+    for siblings in kept.values():
+        siblings.sort(key=rank_key)
+    kept_roots.sort(key=lambda m: (m["tree"], m["id"]))
+    summary["messages_kept"] = len(messages) - sum(dropped.values())
+    summary["dropped"] = dict(dropped)
+    summary["trees_dropped_root"] = trees_dropped_root
+    return kept_roots, kept
+
+
+def rank_key(m: dict):
+    # Rank 0 is best; ranked replies before unranked ones; then the earlier; then the id, so
+    # the order never depends on the input's order.
+    return (m["rank"] is None, m["rank"] or 0, m["date"], m["id"])
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Conversations: lists of messages from a root prompt down to an assistant reply.
+# ---------------------------------------------------------------------------------------
+def best_thread(root: dict, kept: dict) -> list[list[dict]]:
+    thread = [root]
+    while kept.get(thread[-1]["id"]):
+        thread.append(kept[thread[-1]["id"]][0])
+    if thread[-1]["role"] == "prompter":  # roles alternate, so one trim ends on the assistant
+        thread.pop()
+    return [thread] if len(thread) > 1 else []
+
+
+def all_replies(root: dict, kept: dict) -> list[list[dict]]:
+    out, stack = [], [[root]]
+    while stack:
+        path = stack.pop()
+        if path[-1]["role"] == "assistant":
+            out.append(path)
+        stack.extend(path + [reply] for reply in reversed(kept.get(path[-1]["id"], ())))
+    return out
+
+
+def build_trees(roots: list[dict], kept: dict, strategy: str) -> list[tuple[dict, list]]:
+    """(root, conversations) for each tree that gives at least one."""
+    pick = {"best_thread": best_thread, "all_replies": all_replies}[strategy]
+    return [(root, convs) for root in roots if (convs := pick(root, kept))]
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Split by tree. Trees that open with the same prompt ("hi", "hello") go to the same side,
+# so no eval prompt was trained on.
+# ---------------------------------------------------------------------------------------
+def prompt_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def split_trees(trees: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    keys = sorted({prompt_key(root["text"]) for root, _ in trees})
+    if eval_fraction == 0:
+        return trees, []
+    if len(keys) < 2:
+        raise InputError(
+            "only one distinct prompt left after filtering, so nothing can be held out for eval; "
+            "add data or pass --eval_fraction 0"
+        )
+    random.Random(f"{seed}:split").shuffle(keys)
+    n_eval = min(len(keys) - 1, max(1, round(eval_fraction * len(keys))))
+    eval_keys = set(keys[:n_eval])
+    train = [t for t in trees if prompt_key(t[0]["text"]) not in eval_keys]
+    held_out = [t for t in trees if prompt_key(t[0]["text"]) in eval_keys]
+    return train, held_out
+
+
+def sft_rows(trees: list) -> list[dict]:
+    rows = []
+    for _, convs in trees:
+        for conv in convs:
+            messages = [{"role": ROLES[m["role"]], "content": m["text"]} for m in conv]
+            rows.append({"text": format_chat(messages), "messages": messages})
+    return rows
+
+
+def shuffled(rows: list, rng: random.Random) -> list:
+    # Rows go out in random order, so a consumer taking the first N (sft_qlora's limit) gets
+    # a fair sample, not the replies of a few trees.
+    rows = list(rows)
+    rng.shuffle(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Prompts for GRPO (train trees) and for the held-out check (eval trees).
+# ---------------------------------------------------------------------------------------
+def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> list[dict]:
+    prompts = shuffled({prompt_key(root["text"]): root["text"] for root, _ in trees}.values(), rng)
+    limited = set(rng.sample(range(len(prompts)), round(word_limit_fraction * len(prompts))))
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if i not in limited:
+            rows.append({"prompt": prompt, "word_limit": None})
+            continue
+        n = rng.choice(WORD_LIMITS)
+        instruction = rng.choice(WORD_LIMIT_TEMPLATES).format(n=n)
+        # After a multi-line prompt (code, lists) the instruction reads better on its own line.
+        sep = "\n\n" if "\n" in prompt else " "
+        rows.append({"prompt": f"{prompt}{sep}{instruction}", "word_limit": n})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Lengths, for choosing --max_length and the word limits.
+# ---------------------------------------------------------------------------------------
+def percentiles(values: list[int]) -> dict:
+    """Nearest-rank p50 / p90 / p99 and the max."""
+    s = sorted(values)
+    if not s:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    at = lambda q: s[max(0, math.ceil(q / 100 * len(s)) - 1)]  # noqa: E731
+    return {"p50": at(50), "p90": at(90), "p99": at(99), "max": s[-1]}
+
+
+def token_lengths(tokenizer_name: str, texts: list[str], max_length: int) -> dict:
+    try:
+        # As training loads it (chat tokens added, so each counts as one token); never
+        # trust_remote_code.
+        tokenizer = load_chat_tokenizer(tokenizer_name)
+    except Exception as e:
+        raise InputError(f"could not load tokenizer {tokenizer_name!r}: {one_line(e)}") from None
+    lengths = []
+    for i in tqdm(range(0, len(texts), 1000), desc="tokenizing", disable=None):
+        batch = tokenizer(texts[i : i + 1000], add_special_tokens=False, verbose=False)["input_ids"]
+        lengths += [len(ids) for ids in batch]
+    return {
+        "tokenizer": tokenizer_name,
+        **percentiles(lengths),
+        "max_length": max_length,
+        "over_max_length": sum(n > max_length for n in lengths),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------
+def main(args: ScriptArguments) -> dict:
+    check_args(args)
+    kind = source_kind(args.dataset_name)
+    out_dir = Path(args.output_dir)
+    check_not_overwriting_input(args.dataset_name, kind, out_dir)
+    langs = None if args.lang.strip().lower() == "all" else {x.strip().lower() for x in args.lang.split(",")}
+    summary = {"source": args.dataset_name, "strategy": args.strategy, "lang": args.lang}
+
+    messages = read_messages(args, kind, summary)
+    if not messages:
+        raise InputError(f"{args.dataset_name}: no messages in it (is it empty?)")
+    roots, kept = prune(messages, langs, summary)
+    trees = build_trees(roots, kept, args.strategy)
+    if not trees:
+        raise InputError(nothing_left(args, langs, summary))
+
+    train_trees, eval_trees = split_trees(trees, args.eval_fraction, args.seed)
+    train_all = shuffled(sft_rows(train_trees), random.Random(f"{args.seed}:train"))
+    train = train_all[: args.max_examples]  # the cap: a seeded subsample, as the order is random
+    held_out = shuffled(sft_rows(eval_trees), random.Random(f"{args.seed}:eval"))
+    grpo = prompt_rows(train_trees, args.word_limit_fraction, random.Random(f"{args.seed}:grpo"))
+    heldout_prompts = prompt_rows(eval_trees, args.word_limit_fraction, random.Random(f"{args.seed}:heldout"))
+
+    summary.update(
+        trees_with_conversations=len(trees),
+        trees_train=len(train_trees),
+        trees_eval=len(eval_trees),
+        examples_train_before_cap=len(train_all),
+        examples_train=len(train),
+        examples_eval=len(held_out),
+        grpo_prompts=len(grpo),
+        grpo_word_limited=sum(r["word_limit"] is not None for r in grpo),
+        heldout_prompts=len(heldout_prompts),
+        heldout_word_limited=sum(r["word_limit"] is not None for r in heldout_prompts),
+        # How long answers run decides whether the word limits (20..150) actually bind. Each
+        # example's last turn is its own reply (earlier turns recur under all_replies).
+        assistant_reply_words=percentiles([count_words(row["messages"][-1]["content"]) for row in train]),
+    )
+    if args.tokenizer:
+        summary["token_lengths"] = token_lengths(args.tokenizer, [r["text"] for r in train], args.max_length)
+
+    # Everything is built and checked: only now touch the output directory.
+    outputs = dict(zip(OUTPUT_FILES, (train, held_out, grpo, heldout_prompts)))
+    for name, rows in outputs.items():
+        write_jsonl_atomic(out_dir / name, rows)
+    summary["files"] = [str(out_dir / name) for name in outputs]
+    print_summary(summary)
+    return summary
+
+
+def check_args(args: ScriptArguments) -> None:
+    if args.strategy not in STRATEGIES:
+        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {args.strategy!r}")
+    if not 0 <= args.eval_fraction < 1:
+        raise InputError(f"--eval_fraction must be at least 0 and below 1, got {args.eval_fraction}")
+    if not 0 <= args.word_limit_fraction <= 1:
+        raise InputError(f"--word_limit_fraction must be between 0 and 1, got {args.word_limit_fraction}")
+    if args.max_examples < 1 or args.max_length < 1:
+        raise InputError("--max_examples and --max_length must be at least 1")
+    if not args.lang.strip():
+        raise InputError("--lang must be a language code such as en, or all")
+
+
+def check_not_overwriting_input(name: str, kind: str, out_dir: Path) -> None:
+    if kind == "hub":
+        return
+    source = Path(name).resolve()
+    if any((out_dir / f).resolve() == source for f in OUTPUT_FILES):
+        raise InputError(f"{name}: the input is one of the output files; pick another --output_dir")
+
+
+def nothing_left(args: ScriptArguments, langs: set | None, summary: dict) -> str:
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in summary["dropped"].items() if n)
+    counts = f"{summary['messages_read']:,} messages read; dropped {dropped or 'none'}"
+    if langs is not None and summary["dropped"]["other_lang"]:
+        name = LANG_NAMES.get(args.lang.strip().lower(), f"lang={args.lang}")
+        return f"no {name} conversations left after filtering ({counts}); try --lang all"
+    return f"no conversations left after filtering ({counts}): no tree has a surviving assistant reply"
+
+
+def print_summary(s: dict) -> None:
+    dropped = ", ".join(f"{reason} {n:,}" for reason, n in s["dropped"].items() if n) or "none"
+    lines = [
+        f"data_prep: {s['source']} (strategy {s['strategy']}, lang {s['lang']})",
+        f"  messages read      {s['messages_read']:>8,}   in {s['trees_read']:,} trees",
+        f"  bad lines skipped  {s['bad_lines_skipped']:>8,}",
+        *(f"      {where}" for where in s["bad_lines_first"]),
+        f"  messages kept      {s['messages_kept']:>8,}   dropped: {dropped}",
+        f"  trees dropped      {s['trees_dropped_root']:>8,}   (root prompt deleted or failed review)",
+        f"  trees used         {s['trees_with_conversations']:>8,}   train {s['trees_train']:,}, eval {s['trees_eval']:,}",
+        f"  train examples     {s['examples_train']:>8,}   (of {s['examples_train_before_cap']:,} before the cap)",
+        f"  eval examples      {s['examples_eval']:>8,}",
+        f"  grpo prompts       {s['grpo_prompts']:>8,}   ({s['grpo_word_limited']:,} with a word limit)",
+        f"  held-out prompts   {s['heldout_prompts']:>8,}   ({s['heldout_word_limited']:,} with a word limit)",
+        "  words per reply (train, last turn): p50 {p50}, p90 {p90}, p99 {p99}, max {max}".format(
+            **s["assistant_reply_words"]
+        ),
+    ]
+    if "token_lengths" in s:
+        t = s["token_lengths"]
+        lines.append(
+            f"  train tokens ({t['tokenizer']}): p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}; "
+            f"{t['over_max_length']:,} over --max_length {t['max_length']}"
+        )
+    lines.append("  wrote " + ", ".join(s["files"]))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    (script_args,) = TrlParser(ScriptArguments).parse_args_and_config()
+    exit_on_input_error(lambda: main(script_args))  # an InputError: one line on stderr, exit 2

@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny Phi model and the prepared sample data, built once a session.
+Everything is local: no test reaches the network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample" / "oasst1_sample.jsonl"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on the CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Phi model and tokenizer, as `make_tiny_model.py` builds them (shorter
+    pretraining, to keep the suite quick)."""
+    import make_tiny_model
+
+    return make_tiny_model.build(tmp_path_factory.mktemp("tiny-phi"), SAMPLE, pretrain_steps=150)
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory) -> Path:
+    """data_prep.py run on the bundled sample, as the README's offline demo runs it."""
+    out = tmp_path_factory.mktemp("data")
+    subprocess.run(
+        [sys.executable, str(ROOT / "data_prep.py"), "--dataset_name", str(SAMPLE), "--output_dir", str(out)],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    )
+    return out
+
+
+def sft_args(model_dir, data_dir, output_dir, *extra: str):
+    """The tiny recipe's arguments, pointed at the fixtures."""
+    import sft_qlora
+
+    return sft_qlora.parse_args([
+        "--config", str(ROOT / "recipes" / "sft_tiny.yaml"),
+        "--model_name_or_path", str(model_dir),
+        "--train_file", str(Path(data_dir) / "train.jsonl"),
+        "--eval_file", str(Path(data_dir) / "eval.jsonl"),
+        "--output_dir", str(output_dir),
+        "--report_to", "none",
+        *extra,
+    ])

@@ -1,0 +1,75 @@
+"""preview_callback.py: when previews fire, what they write, and what they leave behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerState
+
+import common
+import sft_qlora
+from conftest import sft_args
+from preview_callback import DEFAULT_PROMPTS, PreviewCallback, generate_answers, read_prompts
+
+
+def test_previews_fire_before_every_n_steps_and_after(tiny_model_dir, sample_data_dir, tmp_path):
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "5", "--preview_steps", "2",
+                             "--preview_max_new_tokens", "8", "--eval_strategy", "no", "--save_strategy", "no"))
+    rows = [json.loads(line) for line in (tmp_path / "previews.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in (0, 2, 4, 5) for _ in DEFAULT_PROMPTS]
+    assert [r["prompt"] for r in rows[:4]] == DEFAULT_PROMPTS
+    assert all(r["words"] == common.count_words(r["answer"]) and isinstance(r["ended"], bool) for r in rows)
+    md = (tmp_path / "previews.md").read_text()
+    for heading in ("Preview at step 0 (before training)", "Preview at step 2", "Preview at step 4",
+                    "Preview at step 5"):
+        assert md.count(f"## {heading}\n") == 1
+    assert md.count("**Prompt:**") == 16
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
+    return common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32), tokenizer
+
+
+def test_generation_restores_flags_and_is_deterministic(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # as the Trainer leaves it under gradient checkpointing
+    model.train()
+    before = (model.training, tokenizer.padding_side, model.config.use_cache, model.is_gradient_checkpointing)
+
+    first = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12, batch_size=3)
+    assert (model.training, tokenizer.padding_side, model.config.use_cache, model.is_gradient_checkpointing) == before
+    second = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12)
+    assert first == second  # same weights, same text, whatever the batching
+    assert [a["prompt"] for a in first] == DEFAULT_PROMPTS
+    assert all(a["answer"] for a in first)
+
+
+def test_only_the_main_process_generates(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    callback = PreviewCallback(tokenizer, tmp_path, ["Hi"], every=1, max_new_tokens=4)
+    state = TrainerState(is_world_process_zero=False)
+    assert callback.preview(model, state) is None
+    assert not list(tmp_path.iterdir())
+    state.is_world_process_zero = True
+    assert len(callback.preview(model, state)) == 1
+    assert callback.preview(model, state) is None  # one preview per step, even if asked twice
+    assert (tmp_path / "previews.md").is_file()
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "One"}\n\n{"prompt": "Two", "word_limit": 5}\n')
+    (tmp_path / "p.txt").write_text("One\n\nTwo\n")
+    assert read_prompts(tmp_path / "p.jsonl") == read_prompts(tmp_path / "p.txt") == ["One", "Two"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "One"}\n{"prompt": 3}\n')
+    with pytest.raises(common.InputError, match=r"bad\.jsonl:2: field 'prompt' must be a string"):
+        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "One"\n')
+    with pytest.raises(common.InputError, match=r"broken\.jsonl:1: not valid JSON"):
+        read_prompts(tmp_path / "broken.jsonl")
+    with pytest.raises(common.InputError, match="not found"):
+        read_prompts(tmp_path / "missing.txt")

@@ -1,0 +1,150 @@
+"""sft_qlora.py on the tiny Phi model in 4-bit NF4 on the CPU: the real QLoRA path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import common
+import sft_qlora
+from conftest import sft_args
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    # Evaluated on its own training conversations, from step 0: "the loss falls" measured
+    # on fixed data, free of batch-to-batch noise.
+    trainer = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, out, "--max_steps", "40",
+                                       "--preview_steps", "20", "--eval_steps", "20", "--eval_on_start", "true",
+                                       "--eval_file", str(sample_data_dir / "train.jsonl")))
+    return trainer, out
+
+
+def first_conversation(data_dir):
+    with open(Path(data_dir) / "train.jsonl", encoding="utf-8") as f:
+        return json.loads(f.readline())["messages"]
+
+
+def test_loss_falls(trained):
+    trainer, out = trained
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(losses) >= 6 and len(evals) == 3
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert evals[0] - evals[-1] > 0.15, evals
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_saved_adapter_reloads_with_the_same_logits(trained, tiny_model_dir, sample_data_dir):
+    trainer, out = trained
+    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*model*.bin"))
+    tokenizer = common.load_chat_tokenizer(str(out))  # saved with the chat tokens
+    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+    reloaded = common.load_adapter(base, str(out)).eval()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = reloaded(**batch).logits
+        with reloaded.disable_adapter():
+            untrained = reloaded(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - untrained).abs().max() > 1e-2  # the adapter did change the model
+
+
+def test_embedding_not_resized_and_only_chat_rows_changed(trained, tiny_model_dir):
+    trainer, _ = trained
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = original.get_input_embeddings().weight.shape[0]
+    chat_ids = set(common.chat_token_ids(trainer.processing_class).values())
+    end_id = trainer.processing_class.convert_tokens_to_ids(common.END)
+    embed, head = trainer.model.get_input_embeddings(), trainer.model.get_output_embeddings()
+
+    for module, original_weight, trainable in [
+        (embed, original.get_input_embeddings().weight, chat_ids),
+        (head, original.get_output_embeddings().weight, {end_id}),
+    ]:
+        trained_weight = module.weight.detach()  # the wrapper gives the rows in use
+        assert trained_weight.shape[0] == rows
+        differs = (trained_weight.float() != original_weight.float()).any(dim=1).nonzero().flatten().tolist()
+        assert set(differs) <= chat_ids  # nothing but the chat tokens' rows moved
+        assert trainable <= set(differs)  # and the ones meant to train did
+
+
+def test_lm_head_bias_kept_under_trainable_tokens(tiny_model_dir, sample_data_dir):
+    """With the chat rows untouched, the PEFT-wrapped model must give the base model's
+    logits; PEFT 0.21 drops the lm_head bias there unless common.fix_lm_head_bias runs."""
+    from peft import get_peft_model
+
+    model_args = sft_args(tiny_model_dir, sample_data_dir, "unused")[2]
+    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
+    model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
+    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    peft_model = get_peft_model(model, sft_qlora.lora_config(model_args, tokenizer)).eval()
+    assert common.fix_lm_head_bias(peft_model) == 1
+    assert common.fix_lm_head_bias(peft_model) == 0  # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_labels_cover_only_assistant_turns(trained, sample_data_dir):
+    trainer, _ = trained
+    tokenizer = trainer.processing_class
+    with open(Path(sample_data_dir) / "train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line)["messages"] for line in f]
+    checked = 0
+    for i, messages in enumerate(rows):
+        example = trainer.train_dataset[i]
+        if len(example["input_ids"]) >= 256:
+            continue  # truncated: the last turn is cut
+        labels = trainer.data_collator([example])["labels"][0]
+        kept = [t for t, l in zip(example["input_ids"], labels.tolist()) if l != -100]
+        expected = "".join(m["content"] + common.END for m in messages if m["role"] == "assistant")
+        assert tokenizer.decode(kept) == expected
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_path):
+    """Stopped after the checkpoint at step 4 and resumed, a run ends with the same adapter
+    and the same later losses as one that ran straight through (fixed seed, CPU). Tolerance:
+    1e-6 absolute on every adapter weight."""
+    common_args = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--preview_steps", "0",
+                   "--eval_strategy", "no", "--lora_dropout", "0.1"]
+    straight = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "a", *common_args))
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args), callbacks=[StopAt(4)])
+    assert common.latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-4")
+    assert not (tmp_path / "b" / "checkpoint-8").exists()
+    resumed = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args))
+
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora" in k for k in a) and any("trainable_tokens" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+    def losses(trainer):
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 4}
+
+    assert losses(resumed).keys() == set(range(5, 9))
+    for step, loss in losses(straight).items():
+        assert losses(resumed)[step] == pytest.approx(loss, abs=1e-6)
