@@ -130,6 +130,25 @@ def pick_dtype(requested: str | None = "auto"):
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
+    """Parse `--config recipe.yaml` (default: `default_recipe`) and command-line overrides
+    with TRL's parser. Mixed precision then follows the compute dtype (`pick_dtype`): fp16
+    AMP on a T4, bf16 on Ampere+, none on the CPU. The configs check their fields when
+    built, so the flags go in as arguments of a second parse, not as edits afterwards."""
+    import torch
+    from trl import ModelConfig, TrlParser
+
+    argv = list(argv)
+    if "--config" not in argv:
+        argv = ["--config", str(default_recipe), *argv]
+    parser = TrlParser(dataclass_types)
+    first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
+    model_args = next(a for a in first if isinstance(a, ModelConfig))
+    dtype = pick_dtype(model_args.dtype)
+    return parser.parse_args_and_config(
+        [*argv, "--fp16", str(dtype == torch.float16), "--bf16", str(dtype == torch.bfloat16)])
+
+
 def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
     """The base tokenizer with the chat tokens added, END as EOS and PAD as pad."""
     from transformers import AutoTokenizer

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from common import (
     END,
@@ -34,6 +34,7 @@ from common import (
     latest_complete_checkpoint,
     load_base_model,
     load_chat_tokenizer,
+    parse_recipe,
     pick_dtype,
     plot_history,
     upcast_trainable_params,
@@ -89,14 +90,8 @@ def lora_config(model_args: ModelConfig, tokenizer) -> LoraConfig:
     )
 
 
-def with_precision(training_args: SFTConfig, dtype: torch.dtype) -> SFTConfig:
-    """Mixed precision follows the compute dtype (replace() reruns the config's checks)."""
-    return dataclasses.replace(training_args, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16)
-
-
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=()):
     dtype = pick_dtype(model_args.dtype)
-    training_args = with_precision(training_args, dtype)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"[sft] {model_args.model_name_or_path} on {device}, compute dtype {str(dtype).split('.')[-1]}")
 
@@ -143,11 +138,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
 
 def parse_args(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_RECIPE), *argv]  # the seed's T4 run is the default
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
-    return parser.parse_args_and_config(argv)
+    return parse_recipe((ScriptArguments, SFTConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
+                        DEFAULT_RECIPE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""GRPO after SFT: teach the SFT model to be concise and to obey word limits.
+
+Continues from the SFT adapter (Phi-2 in 4-bit NF4 + LoRA, the adapter loaded trainable)
+with TRL's GRPOTrainer: for each prompt of data/grpo_prompts.jsonl it samples a group of
+answers, scores them with the verifiable rewards of rewards.py (word limit, conciseness,
+format) and moves the policy towards the better ones of each group.
+
+    python grpo_train.py                                   # = --config recipes/grpo_phi2_t4.yaml
+    python grpo_train.py --config recipes/grpo_tiny.yaml   # offline, CPU
+    python rewards.py my_pairs.jsonl                       # check the rewards on your own examples first
+
+The KL term keeps the policy near the SFT model, not vanilla Phi-2: TRL, given a loaded
+adapter and beta > 0, copies it into a frozen `ref` adapter and takes the KL against that.
+Rerun the same command after an interruption to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import GRPOConfig, GRPOTrainer, ModelConfig
+
+import rewards
+from common import (
+    InputError,
+    count_words,
+    exit_on_input_error,
+    format_prompt,
+    latest_complete_checkpoint,
+    load_adapter,
+    load_base_model,
+    load_chat_tokenizer,
+    parse_recipe,
+    pick_dtype,
+    plot_history,
+    upcast_trainable_params,
+)
+from preview_callback import PreviewCallback, read_prompts
+
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "grpo_phi2_t4.yaml"
+# Word-limited prompts show GRPO's effect best, so the previews lead with them.
+PREVIEW_PROMPTS = [
+    "Explain why the sky is blue in under 50 words.",
+    "What is the difference between weather and climate? Answer in no more than 30 words.",
+    "Give me three tips for a job interview. Keep it within 40 words.",
+    "What is a black hole?",
+]
+
+
+@dataclass
+class ScriptArguments:
+    sft_adapter: str = field(default="outputs/phi2-oasst1-qlora", metadata={"help": "sft_qlora.py's output dir"})
+    prompts_file: str = field(default="data/grpo_prompts.jsonl", metadata={"help": "data_prep.py's GRPO prompts"})
+    max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
+    max_prompt_tokens: int = field(
+        default=192, metadata={"help": "drop longer prompts (GRPOConfig has no prompt length limit)"}
+    )
+    preview_steps: int = field(default=50, metadata={"help": "generate previews every N optimizer steps (0: never)"})
+    preview_prompts_file: str | None = field(default=None, metadata={"help": "default: word-limited prompts"})
+    preview_max_new_tokens: int = field(default=160, metadata={"help": "length cap of each preview answer"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint"})
+
+
+def load_prompts(path: str, tokenizer, max_tokens: int, limit: int | None = None):
+    """data_prep.py's prompt rows as a Dataset: `prompt` in the chat format (TRL feeds
+    it to the model as is), `word_limit` passed on to the rewards."""
+    from datasets import Dataset
+
+    path_ = Path(path)
+    if not path_.is_file():
+        raise InputError(f"{path}: prompt file not found; run data_prep.py first (see README)")
+    rows, too_long = [], 0
+    with open(path_, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise InputError(f"{path}:{n}: field 'prompt' must be a non-empty string")
+            limit_n = row.get("word_limit")
+            if limit_n is not None and (not isinstance(limit_n, int) or isinstance(limit_n, bool) or limit_n <= 0):
+                raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer or null")
+            text = format_prompt(row["prompt"])
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
+                too_long += 1
+                continue
+            rows.append({"prompt": text, "word_limit": limit_n})
+            if limit is not None and len(rows) == limit:
+                break
+    if not rows:
+        raise InputError(f"{path}: no usable prompts ({too_long} longer than {max_tokens} tokens)")
+    print(f"[grpo] {len(rows)} prompts, {sum(r['word_limit'] is not None for r in rows)} with a word limit; "
+          f"{too_long} dropped as longer than {max_tokens} tokens")
+    return Dataset.from_list(rows)
+
+
+def with_stats(reward_func):
+    """The word-limit reward, also logging what a person watches: mean completion words
+    and the share of word-limited prompts obeyed (TRL's `log_metric`)."""
+
+    def word_limit_reward(prompts, completions, log_metric=None, **kwargs):
+        if log_metric is not None:
+            log_metric("completion_words", sum(count_words(c) for c in completions) / max(len(completions), 1))
+            obeyed = [c for c in rewards.word_limit_compliance(prompts, completions, kwargs.get("word_limit"))
+                      if c is not None]
+            if obeyed:
+                log_metric("word_limit_compliance", sum(obeyed) / len(obeyed))
+        return reward_func(prompts=prompts, completions=completions, **kwargs)
+
+    return word_limit_reward  # TRL logs each reward under its function's name
+
+
+def copy_reference_token_rows(model) -> None:
+    """TRL's frozen `ref` copy of a loaded adapter copies the LoRA weights (names with
+    '.default.') but not the trainable chat-token rows (their names end in '.default'), so
+    the reference would use the untrained rows and the KL would not start at zero."""
+    if "ref" not in getattr(model, "peft_config", {}):
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if name.endswith("trainable_tokens_delta.default"):
+                params[name[: -len("default")] + "ref"].copy_(param)
+
+
+def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=()):
+    dtype = pick_dtype(model_args.dtype)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"[grpo] {model_args.model_name_or_path} + {script_args.sft_adapter} on {device}, "
+          f"compute dtype {str(dtype).split('.')[-1]}, beta {training_args.beta}")
+
+    if not (Path(script_args.sft_adapter) / "adapter_config.json").is_file():
+        raise InputError(f"{script_args.sft_adapter}: no SFT adapter there; run sft_qlora.py first (see README)")
+    tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included
+    train_dataset = load_prompts(script_args.prompts_file, tokenizer, script_args.max_prompt_tokens,
+                                 script_args.max_prompts)
+    previews = read_prompts(script_args.preview_prompts_file) if script_args.preview_prompts_file else PREVIEW_PROMPTS
+    resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None
+    print("[grpo] " + (f"resuming from {resume_from}" if resume_from else "starting from the SFT adapter"))
+
+    model = load_base_model(
+        model_args.model_name_or_path, tokenizer, dtype,
+        load_in_4bit=model_args.load_in_4bit, double_quant=model_args.use_bnb_nested_quant,
+        attn_implementation=model_args.attn_implementation, revision=model_args.model_revision,
+    )
+    model = load_adapter(model, script_args.sft_adapter, trainable=True)
+    reward_funcs = [with_stats(f) if f.func is rewards.word_limit_reward else f
+                    for f in rewards.make_reward_funcs(tokenizer)]
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    copy_reference_token_rows(trainer.model)
+    upcast_trainable_params(trainer.model)
+    if script_args.preview_steps > 0:
+        trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
+                                             every=script_args.preview_steps,
+                                             max_new_tokens=script_args.preview_max_new_tokens))
+
+    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.is_world_process_zero():
+        # The trained adapter alone: checkpoints also hold the frozen `ref` copy.
+        trainer.model.save_pretrained(training_args.output_dir, selected_adapters=["default"])
+        tokenizer.save_pretrained(training_args.output_dir)
+        names = [f.__name__ for f in rewards.REWARD_FUNCS]
+        plot_history(trainer.state.log_history,
+                     {"total reward": "reward", **{n: f"rewards/{n}/mean" for n in names},
+                      "word-limit compliance": "word_limit_compliance"},
+                     Path(training_args.output_dir) / "rewards.png", "GRPO rewards")
+        print(f"[grpo] adapter, previews and rewards.png in {training_args.output_dir}")
+    return trainer
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_recipe((ScriptArguments, GRPOConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
+                        DEFAULT_RECIPE)
+
+
+if __name__ == "__main__":
+    exit_on_input_error(lambda: main(*parse_args()))
