@@ -37,7 +37,6 @@ from common import (
     parse_recipe,
     pick_dtype,
     plot_history,
-    upcast_trainable_params,
 )
 from preview_callback import PreviewCallback, read_prompts
 
@@ -117,17 +116,19 @@ def with_stats(reward_func):
     return word_limit_reward  # TRL logs each reward under its function's name
 
 
-def copy_reference_token_rows(model) -> None:
-    """TRL's frozen `ref` copy of a loaded adapter copies the LoRA weights (names with
-    '.default.') but not the trainable chat-token rows (their names end in '.default'), so
-    the reference would use the untrained rows and the KL would not start at zero."""
-    if "ref" not in getattr(model, "peft_config", {}):
-        return
+def restore_sft_weights(model, sft_weights: dict) -> None:
+    """Put the exact SFT adapter back into the policy and its frozen `ref` copy once
+    GRPOTrainer is built. TRL rounds a quantised model's trainable weights to bf16, which
+    moves the policy off the SFT model and breaks fp16 training on a T4 (STACK-NOTES 2),
+    and its `ref` copy takes the LoRA weights (names with '.default.') but not the chat-token
+    rows (names ending in '.default'), so without this the KL would not start at zero."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, param in params.items():
-            if name.endswith("trainable_tokens_delta.default"):
-                params[name[: -len("default")] + "ref"].copy_(param)
+        for name, value in sft_weights.items():
+            params[name].data = value.clone()  # fp32, as AMP wants trainable weights
+            ref = name.replace(".default.", ".ref.") if ".default." in name else name[: -len("default")] + "ref"
+            if ref in params:
+                params[ref].data = value.clone()
 
 
 def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=()):
@@ -151,6 +152,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         attn_implementation=model_args.attn_implementation, revision=model_args.model_revision,
     )
     model = load_adapter(model, script_args.sft_adapter, trainable=True)
+    sft_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     reward_funcs = [with_stats(f) if f.func is rewards.word_limit_reward else f
                     for f in rewards.make_reward_funcs(tokenizer)]
     trainer = GRPOTrainer(
@@ -161,8 +163,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    copy_reference_token_rows(trainer.model)
-    upcast_trainable_params(trainer.model)
+    restore_sft_weights(trainer.model, sft_weights)
     if script_args.preview_steps > 0:
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
                                              every=script_args.preview_steps,

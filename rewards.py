@@ -33,7 +33,8 @@ Shapes (w = the answer's words, by common.count_words; n = the limit):
     about n: 1 within +-max(5, 10% of n), then 1 - 2d/n for the d words beyond, floor -1.
     An empty answer (no words) gets -1; a cut-off one at most 0 (its length is unknown).
   conciseness_reward, in [-1, 1]: clip(1 - w/target, 0, 1) for a complete answer (target
-    CONCISENESS_TARGET_WORDS = 200 by default); -1 for an empty or cut-off one.
+    CONCISENESS_TARGET_WORDS = 200 by default); 0 under CONCISENESS_MIN_WORDS (8) words,
+    too short to count as concise; -1 for an empty or cut-off one.
   format_reward, in [-1, 1]: 1, minus 1 if not ended, minus 1 for a leaked role marker
     (a USER/ASSISTANT token id or text, "User:"/"Assistant:"/"Human:"/"### Instruction:"
     at a line start, text after END), minus up to 1 for runaway repetition; floor -1. An
@@ -47,16 +48,17 @@ import functools
 import json
 import math
 import re
-import sys
 import warnings
 import zlib
-from collections import Counter
 from numbers import Integral, Real
 from pathlib import Path
 
 from common import ASSISTANT, END, PAD, USER, InputError, count_words, exit_on_input_error, write_jsonl_atomic
 
 CONCISENESS_TARGET_WORDS = 200
+# Below this an answer is too short to be "concise": no credit, or GRPO finds that one word
+# and an end of turn maximise every reward (seen on the tiny model).
+CONCISENESS_MIN_WORDS = 8
 ABOUT_TOLERANCE = (5, 0.10)  # an "about N words" answer may be off by max(5 words, 10% of N)
 CHAT_TOKEN_TEXTS = (USER, ASSISTANT, END, PAD)
 
@@ -325,15 +327,18 @@ def word_limit_reward(prompts=None, completions=None, completion_ids=None, *, wo
 
 def conciseness_reward(prompts=None, completions=None, completion_ids=None, *, ended=None, end_token_id=None,
                        target_words=None, **kwargs) -> list[float]:
-    """Shorter complete answers score higher: clip(1 - words/target, 0, 1); an empty or
-    cut-off answer gets -1, below any complete one."""
+    """Shorter complete answers score higher: clip(1 - words/target, 0, 1), but 0 under
+    CONCISENESS_MIN_WORDS; an empty or cut-off answer gets -1, below any complete one."""
     completions = _rows(completions)
     flags = _ended_flags(completions, completion_ids, ended, end_token_id)
     target = target_words if _valid_limit(target_words) else CONCISENESS_TARGET_WORDS
     out = []
     for i, completion in enumerate(completions):
         words = count_words(answer_text(completion))
-        out.append(_finite(-1.0 if words == 0 or not flags[i] else max(0.0, 1.0 - words / target)))
+        if words == 0 or not flags[i]:
+            out.append(-1.0)
+        else:
+            out.append(_finite(0.0 if words < CONCISENESS_MIN_WORDS else max(0.0, 1.0 - words / target)))
     return out
 
 

@@ -269,12 +269,12 @@ def test_end_detected_from_completion_ids_as_trl_decodes(chat_tokenizer):
 def test_make_reward_funcs_pairs_with_weights():
     from trl.trainer.utils import get_callable_name
 
-    funcs = rewards.make_reward_funcs(token_ids={USER: 7, ASSISTANT: 8, END: 9}, target_words=10)
+    funcs = rewards.make_reward_funcs(token_ids={USER: 7, ASSISTANT: 8, END: 9}, target_words=20)
     names = [get_callable_name(f) for f in funcs]
     assert names == [f.__name__ for f in rewards.REWARD_FUNCS] == list(rewards.DEFAULT_WEIGHTS)
     assert [rewards.DEFAULT_WEIGHTS[n] for n in names] == [1.0, 0.3, 0.5]
     concise, fmt = funcs[1], funcs[2]
-    assert concise(["Q"], ["a b c d e"], [[1, 2, 9]]) == [0.5]
+    assert concise(["Q"], ["a b c d e f g h i j"], [[1, 2, 9]]) == [0.5]
     assert fmt(["Q"], ["a b c"], [[1, 8, 2, 9]]) == [0.0]        # ASSISTANT's id in the answer
     with pytest.raises(ValueError, match="tokenizer or token_ids"):
         rewards.make_reward_funcs()
@@ -407,3 +407,11 @@ def test_cli_bad_line(tmp_path, line, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     missing = run_cli(tmp_path / "nope.jsonl")
     assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+def test_conciseness_gives_no_credit_below_a_real_answer():
+    """One word and an end of turn must not be the best answer GRPO can find."""
+    n = rewards.CONCISENESS_MIN_WORDS
+    short, enough, longer = "word " * (n - 1), "word " * n, "word " * (3 * n)
+    scores = rewards.conciseness_reward(["Q"] * 3, [short, enough, longer], ended=[True] * 3)
+    assert scores[0] == 0.0 and scores[1] > scores[2] > 0.0
