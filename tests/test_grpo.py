@@ -52,6 +52,11 @@ def test_reference_is_the_sft_model_and_kl_starts_at_zero(tiny_model_dir, data_d
     trainer = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path, "--max_steps", "2",
                                          "--preview_steps", "0", "--save_strategy", "no"))
     logs = [h for h in trainer.state.log_history if "kl" in h]
+    assert [h["step"] for h in logs] == [1, 2]  # logged every step, with what a person watches:
+    for key in ("reward", "completion_words", "word_limit_compliance",
+                *(f"rewards/{f.__name__}/mean" for f in rewards.REWARD_FUNCS)):
+        assert all(key in h for h in logs), key
+    assert (tmp_path / "rewards.png").stat().st_size > 1000
     assert logs[0]["kl"] < 1e-5  # policy == reference before the first update
     assert logs[-1]["kl"] > logs[0]["kl"]
 
