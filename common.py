@@ -200,6 +200,12 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
     return model
 
 
+def model_kwargs(model_args) -> dict:
+    """load_base_model's options from TRL's ModelConfig, as the recipes set them."""
+    return dict(load_in_4bit=model_args.load_in_4bit, double_quant=model_args.use_bnb_nested_quant,
+                attn_implementation=model_args.attn_implementation, revision=model_args.model_revision)
+
+
 def init_chat_token_rows(model, tokenizer) -> None:
     """Give the chat tokens sensible rows in the existing embedding and lm_head: no resize.
 

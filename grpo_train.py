@@ -33,6 +33,7 @@ from common import (
     latest_complete_checkpoint,
     load_adapter,
     load_base_model,
+    model_kwargs,
     load_chat_tokenizer,
     parse_recipe,
     pick_dtype,
@@ -146,11 +147,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None
     print("[grpo] " + (f"resuming from {resume_from}" if resume_from else "starting from the SFT adapter"))
 
-    model = load_base_model(
-        model_args.model_name_or_path, tokenizer, dtype,
-        load_in_4bit=model_args.load_in_4bit, double_quant=model_args.use_bnb_nested_quant,
-        attn_implementation=model_args.attn_implementation, revision=model_args.model_revision,
-    )
+    model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
     model = load_adapter(model, script_args.sft_adapter, trainable=True)
     sft_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     reward_funcs = [with_stats(f) if f.func is rewards.word_limit_reward else f

@@ -33,6 +33,7 @@ from common import (
     fix_lm_head_bias,
     latest_complete_checkpoint,
     load_base_model,
+    model_kwargs,
     load_chat_tokenizer,
     parse_recipe,
     pick_dtype,
@@ -106,11 +107,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
           + (f"resuming from {resume_from}" if resume_from else "starting fresh"))
 
     tokenizer = load_chat_tokenizer(model_args.model_name_or_path, model_args.model_revision)
-    model = load_base_model(
-        model_args.model_name_or_path, tokenizer, dtype,
-        load_in_4bit=model_args.load_in_4bit, double_quant=model_args.use_bnb_nested_quant,
-        attn_implementation=model_args.attn_implementation, revision=model_args.model_revision,
-    )
+    model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
     trainer = SFTTrainer(
         model=model,
         args=training_args,
