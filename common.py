@@ -286,10 +286,20 @@ def upcast_trainable_params(model) -> None:
 
 def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name: str = "default"):
     """A saved adapter (LoRA + trainable chat-token rows) on top of `load_base_model`'s
-    model. `trainable` must be said: PEFT loads adapters frozen by default."""
+    model, or added beside the adapters of a PeftModel under another name (switch with
+    `set_adapter(name)`; `with model.disable_adapter():` gives the base). `trainable`
+    must be said: PEFT loads adapters frozen by default."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise InputError(f"{adapter_dir}: no adapter there (adapter_config.json missing); "
+                         "give the output directory of sft_qlora.py or grpo_train.py")
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+        peft_model = model
+    else:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name,
+                                               is_trainable=trainable)
     fix_lm_head_bias(peft_model)
     return peft_model
 

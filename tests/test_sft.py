@@ -148,3 +148,38 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_p
     assert losses(resumed).keys() == set(range(5, 9))
     for step, loss in losses(straight).items():
         assert losses(resumed)[step] == pytest.approx(loss, abs=1e-6)
+
+
+def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sample_data_dir, tmp_path):
+    """evaluate.py and app.py keep one base and switch adapters: each name must give its
+    own adapter's logits, and disable_adapter() the plain base, lm_head bias included."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    trainer, out = trained
+    other = tmp_path / "other"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
+
+    tokenizer = common.load_chat_tokenizer(str(out))
+    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    plain = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
+    model = common.load_adapter(common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32),
+                                str(out), adapter_name="sft")
+    model = common.load_adapter(model, str(other), adapter_name="other").eval()
+    with torch.no_grad():
+        expected_sft = trainer.model.eval()(**batch).logits
+        model.set_adapter("sft")
+        sft = model(**batch).logits
+        model.set_adapter("other")
+        doubled = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+        expected_base = plain(**batch).logits
+    torch.testing.assert_close(sft, expected_sft, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base, expected_base, atol=1e-5, rtol=1e-5)
+    assert (doubled - sft).abs().max() > 1e-3 and (sft - base).abs().max() > 1e-2
+    with pytest.raises(common.InputError, match="no adapter there"):
+        common.load_adapter(model, str(tmp_path / "missing"), adapter_name="x")
