@@ -96,6 +96,55 @@ def write_jsonl_atomic(path: str | os.PathLike, rows) -> int:
     return len(lines)
 
 
+def read_jsonl_rows(path: str | os.PathLike, what: str):
+    """Yield `(line number, row)` for each non-blank line of a JSONL file, with errors
+    that name the file and line (`datasets`' JSON loader names neither)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found; run data_prep.py first (see README)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield n, row
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; save it as UTF-8 JSONL") from None
+
+
+def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
+    """Prompts as `{"prompt", "word_limit"}` rows: a `.jsonl` file as data_prep.py writes
+    them (`word_limit` a positive integer or null, optional), or any other text file with
+    one prompt per line (no stated limit)."""
+    path = Path(path)
+    rows = []
+    if path.suffix != ".jsonl":
+        if not path.is_file():
+            raise InputError(f"{path}: prompt file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text") from None
+        rows = [{"prompt": line.strip(), "word_limit": None} for line in lines if line.strip()]
+    else:
+        for n, row in read_jsonl_rows(path, "prompt file"):
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise InputError(f"{path}:{n}: field 'prompt' must be a non-empty string")
+            limit = row.get("word_limit")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+                raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer or null, got {limit!r}")
+            rows.append({"prompt": row["prompt"], "word_limit": limit})
+    if not rows:
+        raise InputError(f"{path}: no prompts in the file")
+    return rows
+
+
 class InputError(Exception):
     """Bad input from the user (a file, a recipe, a flag): the message says where and what
     to do. Scripts print it without a traceback and exit with status 2."""

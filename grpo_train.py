@@ -16,7 +16,6 @@ Rerun the same command after an interruption to resume.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,9 @@ from common import (
     parse_recipe,
     pick_dtype,
     plot_history,
+    read_prompt_rows,
 )
-from preview_callback import PreviewCallback, read_prompts
+from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "grpo_phi2_t4.yaml"
 # Word-limited prompts show GRPO's effect best, so the previews lead with them.
@@ -70,30 +70,15 @@ def load_prompts(path: str, tokenizer, max_tokens: int, limit: int | None = None
     it to the model as is), `word_limit` passed on to the rewards."""
     from datasets import Dataset
 
-    path_ = Path(path)
-    if not path_.is_file():
-        raise InputError(f"{path}: prompt file not found; run data_prep.py first (see README)")
     rows, too_long = [], 0
-    with open(path_, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise InputError(f"{path}:{n}: field 'prompt' must be a non-empty string")
-            limit_n = row.get("word_limit")
-            if limit_n is not None and (not isinstance(limit_n, int) or isinstance(limit_n, bool) or limit_n <= 0):
-                raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer or null")
-            text = format_prompt(row["prompt"])
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
-                too_long += 1
-                continue
-            rows.append({"prompt": text, "word_limit": limit_n})
-            if limit is not None and len(rows) == limit:
-                break
+    for row in read_prompt_rows(path):
+        text = format_prompt(row["prompt"])
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
+            too_long += 1
+            continue
+        rows.append({"prompt": text, "word_limit": row["word_limit"]})
+        if limit is not None and len(rows) == limit:
+            break
     if not rows:
         raise InputError(f"{path}: no usable prompts ({too_long} longer than {max_tokens} tokens)")
     print(f"[grpo] {len(rows)} prompts, {sum(r['word_limit'] is not None for r in rows)} with a word limit; "
@@ -143,7 +128,8 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included
     train_dataset = load_prompts(script_args.prompts_file, tokenizer, script_args.max_prompt_tokens,
                                  script_args.max_prompts)
-    previews = read_prompts(script_args.preview_prompts_file) if script_args.preview_prompts_file else PREVIEW_PROMPTS
+    previews = ([r["prompt"] for r in read_prompt_rows(script_args.preview_prompts_file)]
+                if script_args.preview_prompts_file else PREVIEW_PROMPTS)
     resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None
     print("[grpo] " + (f"resuming from {resume_from}" if resume_from else "starting from the SFT adapter"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from common import END, InputError, count_words, format_prompt
+from common import END, count_words, format_prompt
 
 # One per thing the runs should change: chat style, stopping, a word limit, code.
 DEFAULT_PROMPTS = [
@@ -25,32 +25,6 @@ DEFAULT_PROMPTS = [
     "Write a Python function that checks whether a word is a palindrome.",
     "Give me three tips for a job interview.",
 ]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a `.jsonl` file of `{"prompt": ...}` rows (as data_prep writes them)
-    or a `.txt` file, one prompt per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                prompts.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise InputError(f"{path}:{n}: field 'prompt' must be a string")
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise InputError(f"{path}: no prompts in the file")
-    return prompts
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from common import (
     END,
+    ROLE_TOKENS,
     InputError,
     chat_token_ids,
     exit_on_input_error,
@@ -38,9 +39,11 @@ from common import (
     parse_recipe,
     pick_dtype,
     plot_history,
+    read_jsonl_rows,
+    read_prompt_rows,
     upcast_trainable_params,
 )
-from preview_callback import PreviewCallback, read_prompts
+from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
 
@@ -62,18 +65,28 @@ class ScriptArguments:
 
 def load_conversations(path: str, limit: int | None = None):
     """data_prep.py's JSONL as a `datasets.Dataset` of `messages` (TRL renders them with
-    the tokenizer's chat template, which marks the assistant's tokens for the loss)."""
-    from datasets import load_dataset
+    the tokenizer's chat template, which marks the assistant's tokens for the loss). Each
+    row is checked here, so a bad line is named before any model is loaded."""
+    from datasets import Dataset
 
-    if not Path(path).is_file():
-        raise InputError(f"{path}: data file not found; run data_prep.py first (see README)")
-    dataset = load_dataset("json", data_files=path, split="train")
-    if "messages" not in dataset.column_names:
-        raise InputError(f"{path}: rows need a 'messages' list (role/content), as data_prep.py writes them")
-    dataset = dataset.select_columns(["messages"])
-    if limit is not None and len(dataset) > limit:
-        dataset = dataset.select(range(limit))  # data_prep already shuffled the rows
-    return dataset
+    conversations = []
+    for n, row in read_jsonl_rows(path, "data file"):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{path}:{n}: field 'messages' must be a non-empty list of "
+                             "{'role', 'content'} turns, as data_prep.py writes them")
+        for turn in messages:
+            if not isinstance(turn, dict) or turn.get("role") not in ROLE_TOKENS or not isinstance(turn.get("content"), str):
+                raise InputError(f"{path}:{n}: each turn needs 'role' ('user' or 'assistant') and a string "
+                                 f"'content'; got {str(turn)[:80]}")
+        if not any(turn["role"] == "assistant" for turn in messages):
+            raise InputError(f"{path}:{n}: no assistant turn, so nothing to learn from")
+        conversations.append({"messages": [{"role": t["role"], "content": t["content"]} for t in messages]})
+        if limit is not None and len(conversations) == limit:
+            break  # data_prep already shuffled the rows
+    if not conversations:
+        raise InputError(f"{path}: no conversations in the file")
+    return Dataset.from_list(conversations)
 
 
 def lora_config(model_args: ModelConfig, tokenizer) -> LoraConfig:
@@ -99,7 +112,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     # Data and prompts first: a bad file fails in seconds, before a model is loaded.
     train_dataset = load_conversations(script_args.train_file, script_args.max_train_examples)
     eval_dataset = load_conversations(script_args.eval_file) if script_args.eval_file else None
-    prompts = read_prompts(script_args.preview_prompts_file) if script_args.preview_prompts_file else None
+    prompts = ([r["prompt"] for r in read_prompt_rows(script_args.preview_prompts_file)]
+               if script_args.preview_prompts_file else None)
     if eval_dataset is None and training_args.eval_strategy != "no":
         training_args = dataclasses.replace(training_args, eval_strategy="no")
     resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None

@@ -81,3 +81,33 @@ def test_count_words():
     assert common.count_words("Hello, world! It's 3.5 km.") == 7
     assert common.count_words("") == common.count_words(None) == 0
     assert common.count_words("¿Qué tal? 你好") == 3
+
+
+def test_prompt_rows_from_jsonl_and_text(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "One"}\n\n{"prompt": "Two", "word_limit": 5}\n')
+    (tmp_path / "p.txt").write_text("One\n\nTwo\n")
+    assert common.read_prompt_rows(tmp_path / "p.jsonl") == [
+        {"prompt": "One", "word_limit": None}, {"prompt": "Two", "word_limit": 5}]
+    assert [r["prompt"] for r in common.read_prompt_rows(tmp_path / "p.txt")] == ["One", "Two"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "One"}\n{"prompt": 3}\n', r"bad\.jsonl:2: field 'prompt' must be a non-empty string"),
+    ('{"prompt": "One"\n', r"bad\.jsonl:1: not valid JSON"),
+    ('["One"]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
+    ('{"prompt": "One", "word_limit": 0}\n', r"bad\.jsonl:1: field 'word_limit' must be a positive integer"),
+    ('{"prompt": "One", "word_limit": true}\n', r"bad\.jsonl:1: field 'word_limit'"),
+    ('\n\n', r"bad\.jsonl: no prompts"),
+])
+def test_prompt_rows_name_the_bad_line(tmp_path, text, message):
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(common.InputError, match=message):
+        common.read_prompt_rows(tmp_path / "bad.jsonl")
+
+
+def test_prompt_rows_missing_or_not_utf8(tmp_path):
+    with pytest.raises(common.InputError, match="not found"):
+        common.read_prompt_rows(tmp_path / "missing.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(common.InputError, match="not UTF-8"):
+        common.read_prompt_rows(tmp_path / "latin.jsonl")

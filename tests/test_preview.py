@@ -11,7 +11,7 @@ from transformers import TrainerState
 import common
 import sft_qlora
 from conftest import sft_args
-from preview_callback import DEFAULT_PROMPTS, PreviewCallback, generate_answers, read_prompts
+from preview_callback import DEFAULT_PROMPTS, PreviewCallback, generate_answers
 
 
 def test_previews_fire_before_every_n_steps_and_after(tiny_model_dir, sample_data_dir, tmp_path):
@@ -59,17 +59,3 @@ def test_only_the_main_process_generates(model_and_tokenizer, tmp_path):
     assert len(callback.preview(model, state)) == 1
     assert callback.preview(model, state) is None  # one preview per step, even if asked twice
     assert (tmp_path / "previews.md").is_file()
-
-
-def test_prompt_files(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"prompt": "One"}\n\n{"prompt": "Two", "word_limit": 5}\n')
-    (tmp_path / "p.txt").write_text("One\n\nTwo\n")
-    assert read_prompts(tmp_path / "p.jsonl") == read_prompts(tmp_path / "p.txt") == ["One", "Two"]
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "One"}\n{"prompt": 3}\n')
-    with pytest.raises(common.InputError, match=r"bad\.jsonl:2: field 'prompt' must be a string"):
-        read_prompts(tmp_path / "bad.jsonl")
-    (tmp_path / "broken.jsonl").write_text('{"prompt": "One"\n')
-    with pytest.raises(common.InputError, match=r"broken\.jsonl:1: not valid JSON"):
-        read_prompts(tmp_path / "broken.jsonl")
-    with pytest.raises(common.InputError, match="not found"):
-        read_prompts(tmp_path / "missing.txt")

@@ -183,3 +183,19 @@ def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sa
     assert (doubled - sft).abs().max() > 1e-3 and (sft - base).abs().max() > 1e-2
     with pytest.raises(common.InputError, match="no adapter there"):
         common.load_adapter(model, str(tmp_path / "missing"), adapter_name="x")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "hi"}', r"bad\.jsonl:2: field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "system", "content": "x"}]}', r"bad\.jsonl:2: each turn needs 'role'"),
+    ('{"messages": [{"role": "user", "content": 5}]}', r"bad\.jsonl:2: each turn needs 'role'"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"bad\.jsonl:2: no assistant turn"),
+    ('{"messages": [', r"bad\.jsonl:2: not valid JSON"),
+])
+def test_bad_conversation_files_name_the_line(tmp_path, line, message):
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}'
+    (tmp_path / "bad.jsonl").write_text(good + "\n" + line + "\n")
+    with pytest.raises(common.InputError, match=message):
+        sft_qlora.load_conversations(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "good.jsonl").write_text((good + "\n") * 3)
+    assert len(sft_qlora.load_conversations(str(tmp_path / "good.jsonl"), limit=2)) == 2
