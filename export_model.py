@@ -1,0 +1,247 @@
+"""Merge an adapter into Phi-2 and save a standalone model: plain transformers, no PEFT.
+
+    python export_model.py                                     # GRPO adapter -> outputs/phi2-oasst1-merged (fp16)
+    python export_model.py --adapter outputs/phi2-oasst1-qlora --output_dir outputs/phi2-sft-merged
+    python export_model.py --quantize_4bit                     # also outputs/phi2-oasst1-merged-4bit (NF4, ~1.8 GB)
+
+The result loads with `AutoModelForCausalLM.from_pretrained(dir)` and
+`AutoTokenizer.from_pretrained(dir)`: safetensors weights, the tokenizer with the chat
+tokens and chat template, and a generation config that stops at <|end|> and pads with
+<|pad|>. After saving, the script checks the export against the adapter as it was trained
+(greedy answers to the preview prompts, logits on them) and writes the figures to
+`export.json` beside the weights.
+
+What it merges into. The adapter was trained on the NF4-quantised base: what it learned
+corrects that model, quantisation error included. So by default (`--merge_into nf4`) the
+base is loaded in NF4 exactly as training loaded it, dequantised, and the LoRA deltas and
+the trained chat-token rows are added to those weights: the export computes what the
+trained model computed, up to rounding (on the tiny test model in fp32: logits within
+1e-4, identical greedy answers). `--merge_into original` adds them to the unquantised
+weights instead; that model differs from the trained one by the quantisation error (on
+the tiny model: logits off by ~0.5, every greedy answer different), and is there for
+those who want the full-precision base under the adapter anyway.
+
+Phi-2's lm_head keeps its bias (PEFT's merge writes the trained rows into the base
+nn.Linear, bias included), and the export is written into a temporary folder beside the
+target and renamed into place only when complete: a crash never leaves half an export.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import (
+    InputError,
+    exit_on_input_error,
+    format_prompt,
+    load_adapter,
+    load_base_model,
+    load_chat_tokenizer,
+    pick_dtype,
+    write_atomic,
+    _umask,
+)
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(default="microsoft/phi-2", metadata={"help": "the base the adapter was trained on"})
+    model_revision: str = field(default="main", metadata={"help": "the base model's revision"})
+    adapter: str = field(default="outputs/phi2-oasst1-grpo",
+                         metadata={"help": "the adapter to merge: grpo_train.py's or sft_qlora.py's output dir"})
+    output_dir: str = field(default="outputs/phi2-oasst1-merged", metadata={"help": "where the merged model goes"})
+    # fp16: what a T4 computes in and what Colab users can load; half the size of fp32.
+    dtype: str = field(default="float16", metadata={"help": "saved weights: float16, bfloat16 or float32"})
+    merge_into: str = field(default="nf4", metadata={
+        "help": "nf4: the dequantised NF4 base the adapter was trained on (reproduces the trained model); "
+                "original: the unquantised base weights"})
+    train_dtype: str = field(default="auto", metadata={
+        "help": "the compute dtype training used (auto: what sft_qlora.py picks on this machine, fp16 on a T4); "
+                "the NF4 base is rebuilt from weights in this dtype, as training built it"})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "double quantisation, as in the recipes"})
+    quantize_4bit: bool = field(default=False, metadata={"help": "also save a 4-bit NF4 copy (bitsandbytes)"})
+    quantized_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>-4bit"})
+    check: bool = field(default=True, metadata={
+        "help": "compare the export with base + adapter as trained: greedy answers and logits on the preview prompts"})
+    check_max_new_tokens: int = field(default=64, metadata={"help": "length of each check answer"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing export"})
+
+
+def device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def check_args(args: ExportArguments) -> list[Path]:
+    """Everything checked before a model loads; returns the target folders."""
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {args.adapter}: no adapter there (adapter_config.json missing); "
+                         "give the output dir of grpo_train.py or sft_qlora.py")
+    if args.merge_into not in ("nf4", "original"):
+        raise InputError(f"--merge_into {args.merge_into!r}: expected nf4 or original")
+    if args.dtype not in DTYPES or args.train_dtype not in ("auto", *DTYPES):
+        raise InputError(f"--dtype / --train_dtype: expected one of {', '.join(DTYPES)} (train_dtype also auto)")
+    targets = [Path(args.output_dir)]
+    if args.quantize_4bit:
+        targets.append(Path(args.quantized_output_dir or f"{args.output_dir.rstrip('/')}-4bit"))
+    for target in targets:
+        if target.resolve() == Path(args.adapter).resolve():
+            raise InputError(f"{target}: that is the adapter's folder; export somewhere else")
+        if target.exists() and any(target.iterdir()) and not args.overwrite:
+            raise InputError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
+    return targets
+
+
+def load_tokenizer(args: ExportArguments):
+    saved = (Path(args.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_chat_tokenizer(args.adapter if saved else args.model_name_or_path,
+                                    "main" if saved else args.model_revision)
+    tokenizer.padding_side = "left"  # an exported model generates; batched generation pads on the left
+    return tokenizer
+
+
+def trained_model(args: ExportArguments, tokenizer, load_in_4bit: bool = True):
+    """Base + adapter, loaded as training loaded them (4-bit NF4 unless told otherwise)."""
+    base = load_base_model(args.model_name_or_path, tokenizer, pick_dtype(args.train_dtype), load_in_4bit=load_in_4bit,
+                           double_quant=args.use_bnb_nested_quant, revision=args.model_revision)
+    return load_adapter(base, args.adapter).eval()
+
+
+def merged_model(args: ExportArguments, tokenizer):
+    """The adapter merged into the base weights chosen by --merge_into, in --dtype."""
+    if args.merge_into == "nf4":
+        base = load_base_model(args.model_name_or_path, tokenizer, pick_dtype(args.train_dtype),
+                               double_quant=args.use_bnb_nested_quant, revision=args.model_revision)
+        # The very weights the 4-bit matmuls used in training, as ordinary nn.Linear layers.
+        base = base.dequantize(dtype=pick_dtype(args.train_dtype))
+    else:
+        base = load_base_model(args.model_name_or_path, tokenizer, pick_dtype(args.train_dtype), load_in_4bit=False,
+                               revision=args.model_revision)
+    # merge_and_unload adds B @ A * scale to each LoRA target and writes the trained chat-token
+    # rows into the embedding and lm_head (an nn.Linear whose bias stays as it was).
+    model = load_adapter(base, args.adapter).merge_and_unload()
+    return model.to(getattr(torch, args.dtype))
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id  # <|end|>: stop at the end of the turn
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)  # safetensors
+    tokenizer.save_pretrained(folder)
+    mode = 0o666 & ~_umask()  # transformers writes the weights 0600; an export is meant to be shared
+    for path in folder.iterdir():
+        os.chmod(path, mode)
+
+
+@torch.no_grad()
+def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
+    """Greedy answers to the preview prompts and logits on them: the export vs base + adapter."""
+    from preview_callback import DEFAULT_PROMPTS, generate_answers
+
+    batch = tokenizer([format_prompt(p) for p in DEFAULT_PROMPTS], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device())
+    mask = batch["attention_mask"].bool()
+    got, expected = model(**batch).logits.float()[mask], reference(**batch).logits.float()[mask]
+    ours = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
+    theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
+    return {
+        "prompts": len(DEFAULT_PROMPTS),
+        "same_greedy_answers": sum(a["answer"] == b["answer"] for a, b in zip(ours, theirs)),
+        "max_logit_diff": round((got - expected).abs().max().item(), 6),
+        "logit_scale": round(expected.abs().max().item(), 3),
+        "same_argmax": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4),
+    }
+
+
+def check_exports(args: ExportArguments, tokenizer, folders: list[Path]) -> list[dict]:
+    """Each saved folder, loaded by plain transformers, against base + adapter as trained."""
+    from transformers import AutoModelForCausalLM
+
+    reference = trained_model(args, tokenizer)
+    results = []
+    for folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device()}).eval()
+        results.append(compare(model, reference, tokenizer, args.check_max_new_tokens))
+        del model
+    return results
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Put a finished export in place: a rename, so readers see the old export or the new one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(args: ExportArguments) -> dict:
+    targets = check_args(args)
+    tokenizer = load_tokenizer(args)
+    print(f"[export] {args.model_name_or_path} + {args.adapter}, merged into the {args.merge_into} base "
+          f"(built in {str(pick_dtype(args.train_dtype)).split('.')[-1]}), saved in {args.dtype}")
+    tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
+    try:
+        model = merged_model(args, tokenizer)
+        save_model(model, tokenizer, tmps[0])
+        del model
+        free_memory()
+        if args.quantize_4bit:
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            # Quantised from the merged weights, so the LoRA deltas get NF4's rounding too.
+            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+                                     bnb_4bit_compute_dtype=getattr(torch, args.dtype))
+            model = AutoModelForCausalLM.from_pretrained(tmps[0], quantization_config=nf4,
+                                                         device_map={"": device()})
+            save_model(model, tokenizer, tmps[1])
+            del model
+            free_memory()
+        checks = check_exports(args, tokenizer, tmps) if args.check else [None] * len(tmps)
+        infos = []
+        for tmp, check, kind in zip(tmps, checks, ["merged", "merged, 4-bit NF4"]):
+            info = {"export": kind, **{k: v for k, v in asdict(args).items() if k not in ("check", "overwrite")},
+                    "check": check}
+            write_atomic(tmp / "export.json", json.dumps(info, indent=1) + "\n")
+            infos.append(info)
+        for tmp, target in zip(tmps, targets):
+            publish(tmp, target)
+    finally:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for target, info in zip(targets, infos):
+        check = info["check"]
+        print(f"[export] {info['export']} model in {target}" + (
+            f": {check['same_greedy_answers']}/{check['prompts']} greedy answers as base + adapter, "
+            f"logits within {check['max_logit_diff']:.2g} (largest {check['logit_scale']:.3g}), "
+            f"same top token at {100 * check['same_argmax']:.1f}% of positions" if check else ""))
+    return {str(t): info for t, info in zip(targets, infos)}
+
+
+def parse_args(argv: list[str] | None = None) -> ExportArguments:
+    from trl import TrlParser
+
+    (args,) = TrlParser([ExportArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+if __name__ == "__main__":
+    exit_on_input_error(lambda: main(parse_args()))
