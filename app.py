@@ -1,0 +1,313 @@
+"""The base model and the fine-tuned ones answer the same prompt, side by side.
+
+    python app.py                                 # Phi-2 + outputs/phi2-oasst1-qlora (+ -grpo), on 127.0.0.1:7860
+    python app.py --base microsoft/phi-2 --sft outputs/phi2-oasst1-qlora --grpo outputs/phi2-oasst1-grpo
+    python app.py --merged outputs/phi2-sft-merged outputs/phi2-grpo-merged   # export_model.py's folders
+    python app.py --host 0.0.0.0                  # reachable from other machines: only when you mean it
+    python app.py --share                         # a public gradio.live link: only when you mean it
+
+Adapters share one base in memory and take turns on it (`set_adapter`); the base answers
+with them switched off (`disable_adapter`). Merged exports are plain transformers models,
+each loaded whole. Answers are greedy (preview_callback.generate_answers, as in training
+previews), so a prompt gets the same answer every time.
+
+From Python (a notebook):
+
+    import app
+    args = app.parse_args(["--sft", "outputs/phi2-oasst1-qlora"])
+    demo = app.build_demo(app.load_columns(args), args)
+    app.launch(demo, args)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import torch
+from transformers import HfArgumentParser
+
+import rewards
+from common import CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from data_prep import WORD_LIMIT_TEMPLATES
+from preview_callback import DEFAULT_PROMPTS, generate_answers
+
+DEFAULT_SFT = "outputs/phi2-oasst1-qlora"  # sft_qlora.py's default output_dir
+DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
+# The phrasing GRPO was rewarded for obeying (data_prep.py's first template; rewards.py parses it).
+LIMIT_INSTRUCTION = WORD_LIMIT_TEMPLATES[0]  # "Answer in under {n} words."
+MAX_WORD_LIMIT = 1000
+
+
+@dataclass
+class AppArguments:
+    base: str = field(default="microsoft/phi-2", metadata={"help": "the model the adapters were trained on"})
+    sft: str | None = field(default=None, metadata={
+        "help": f"SFT adapter folder; default {DEFAULT_SFT}, skipped with a note if it is not there"})
+    grpo: str | None = field(default=None, metadata={
+        "help": f"GRPO adapter folder; default {DEFAULT_GRPO}, skipped with a note if it is not there"})
+    merged: list[str] = field(default_factory=list, metadata={
+        "help": "merged model folders (export_model.py), shown instead of adapters"})
+    show_base: bool = field(default=True, metadata={"help": "show the base model's answer too"})
+    dtype: str = field(default="auto", metadata={"help": "auto: fp16 on a T4, bf16 on Ampere+, fp32 on the CPU"})
+    load_in_4bit: bool | None = field(default=None, metadata={
+        # Measured on 2 CPU cores, one Phi-2 MLP matmul (2560 x 10240) for one token: 12.5 ms
+        # in fp32, 193 ms in bitsandbytes NF4. On a T4, 4-bit holds Phi-2 in about 2 GB.
+        "help": "default: 4-bit NF4 on CUDA, full precision on the CPU (4-bit is ~15x slower there)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "the page's starting value"})
+    max_new_tokens_cap: int = field(default=512, metadata={"help": "the most the page may ask for"})
+    max_prompt_chars: int = field(default=2000, metadata={"help": "longer prompts are refused by the server"})
+    max_queue: int = field(default=16, metadata={"help": "requests waiting at once; more are turned away"})
+    host: str = field(default="127.0.0.1", metadata={"help": "0.0.0.0 listens on every network interface"})
+    port: int = field(default=7860, metadata={"help": "0: the first free one from 7860"})
+    share: bool = field(default=False, metadata={"help": "a public gradio.live link (Gradio turns it on in Colab "
+                                                         "unless told; here it is off unless asked)"})
+
+
+# ---------------------------------------------------------------------------------------
+# Models: one column of the page each.
+# ---------------------------------------------------------------------------------------
+BASE = "<base>"  # Column.adapter for the base under its adapters: all of them switched off
+
+
+@dataclass
+class Column:
+    key: str  # the page's element ids: answer-KEY, stats-KEY
+    label: str
+    model: object
+    tokenizer: object
+    adapter: str | None = None  # which adapter to switch on (BASE: none); None: the model as it is
+    lock: threading.Lock = field(default_factory=threading.Lock)  # shared by columns on one model
+
+    @contextmanager
+    def active(self):
+        """The model as this column shows it; one at a time per model, since switching
+        adapters changes the model under any other request."""
+        with self.lock:
+            if self.adapter == BASE:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                if self.adapter is not None:
+                    self.model.set_adapter(self.adapter)
+                yield self.model
+
+
+def adapter_folders(args: AppArguments) -> dict[str, str]:
+    """{'sft': folder, 'grpo': folder} to load. A folder named on the command line must hold
+    an adapter; a default one that does not (not trained yet) is skipped with a note."""
+    if args.merged:
+        if args.sft or args.grpo:
+            raise InputError("give adapters (--sft/--grpo) or merged models (--merged), not both")
+        return {}
+    found = {}
+    for name, given, default in (("sft", args.sft, DEFAULT_SFT), ("grpo", args.grpo, DEFAULT_GRPO)):
+        folder = given or default
+        if (Path(folder) / "adapter_config.json").is_file():
+            found[name] = folder
+        elif given:
+            raise InputError(f"--{name} {given}: no adapter there (adapter_config.json missing); give the "
+                             f"output directory of {'sft_qlora.py' if name == 'sft' else 'grpo_train.py'}")
+        else:
+            print(f"[app] no {name.upper()} adapter in {default} (not trained yet?): its column is left out")
+    if not found:
+        raise InputError(f"nothing fine-tuned to show: no adapter in {DEFAULT_SFT} or {DEFAULT_GRPO}; "
+                         "train one (README), or give --sft DIR, --grpo DIR or --merged DIR")
+    return found
+
+
+def load_merged(folder: str, dtype, load_in_4bit: bool):
+    """A merged export: a plain transformers model folder whose tokenizer has the chat tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if not (Path(folder) / "config.json").is_file():
+        raise InputError(f"--merged {folder}: no model there (config.json missing); give a folder "
+                         "export_model.py wrote")
+    missing = [t for t in CHAT_TOKENS if t not in AutoTokenizer.from_pretrained(folder).get_vocab()]
+    if missing:  # load_chat_tokenizer would add them as new, untrained tokens: silent nonsense
+        raise InputError(f"--merged {folder}: the tokenizer there lacks the chat tokens {missing}; "
+                         "export the model with export_model.py")
+    tokenizer = load_chat_tokenizer(folder)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=quantization, use_safetensors=True, attn_implementation="sdpa",
+        device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    return model.eval(), tokenizer
+
+
+def load_columns(args: AppArguments) -> list[Column]:
+    """Every model the page shows, loaded. Paths are checked before anything loads."""
+    adapters = adapter_folders(args)
+    dtype = pick_dtype(args.dtype)
+    in_4bit = torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"[app] on {device}, {str(dtype).split('.')[-1]}{', 4-bit NF4' if in_4bit else ''}")
+    columns = []
+    if adapters or args.show_base:
+        tokenizer = load_chat_tokenizer(args.base)  # as training built it: the same chat-token ids
+        base = load_base_model(args.base, tokenizer, dtype, load_in_4bit=in_4bit).eval()
+        if adapters:
+            for name, folder in adapters.items():
+                trained_on = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                if trained_on and trained_on != args.base:
+                    print(f"[app] note: {folder} was trained on {trained_on}, loaded here on {args.base}")
+                base = load_adapter(base, folder, adapter_name=name).eval()
+            lock = threading.Lock()
+            if args.show_base:
+                columns.append(Column("base", f"Base: {args.base}", base, tokenizer, BASE, lock))
+            columns += [Column(name, f"{name.upper()}: {folder}", base, tokenizer, name, lock)
+                        for name, folder in adapters.items()]
+        else:
+            columns.append(Column("base", f"Base: {args.base}", base, tokenizer))
+    for i, folder in enumerate(args.merged):
+        model, tokenizer = load_merged(folder, dtype, in_4bit)
+        columns.append(Column(f"merged{i}", f"Merged: {folder}", model, tokenizer))
+    print("[app] columns: " + ", ".join(c.label for c in columns))
+    return columns
+
+
+# ---------------------------------------------------------------------------------------
+# One request: check it, then each model answers.
+# ---------------------------------------------------------------------------------------
+def full_prompt(prompt, word_limit, max_new_tokens, args: AppArguments) -> tuple[str, int]:
+    """The prompt as the models get it, with the word limit appended in the phrasing GRPO
+    learned; and the number of new tokens. The server checks everything: the page's own
+    limits (Textbox max_length, the slider's range) are checked only in the browser."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("Type a prompt first.")
+    prompt = prompt.strip()
+    if len(prompt) > args.max_prompt_chars:
+        raise InputError(f"The prompt is {len(prompt):,} characters long; this server takes at most "
+                         f"{args.max_prompt_chars:,}. Shorten it.")
+    tokens = _whole_number(max_new_tokens)
+    if tokens is None or not 1 <= tokens <= args.max_new_tokens_cap:
+        raise InputError(f"Max new tokens must be a whole number from 1 to {args.max_new_tokens_cap}.")
+    if word_limit in (None, "", 0):
+        return prompt, tokens
+    limit = _whole_number(word_limit)
+    if limit is None or not 1 <= limit <= MAX_WORD_LIMIT:
+        raise InputError(f"The word limit must be a whole number from 1 to {MAX_WORD_LIMIT}, or empty for none.")
+    sep = "\n\n" if "\n" in prompt else " "  # as data_prep.py appends it
+    return prompt + sep + LIMIT_INSTRUCTION.format(n=limit), tokens
+
+
+def _whole_number(x) -> int | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return int(x) if x.is_integer() else None
+
+
+def stats_line(answer: dict, prompt: str, max_new_tokens: int) -> str:
+    """'**12 words** · ended · obeys the limit (at most 50 words)', words counted as IFEval
+    counts them, the limit read from the prompt as the GRPO rewards read it."""
+    words = f"{answer['words']} word" + ("" if answer["words"] == 1 else "s")
+    parts = [f"**{words}**", "ended" if answer["ended"] else f"cut off at {max_new_tokens} tokens"]
+    limit = rewards.row_limit(prompt)
+    if limit is not None:
+        kind, n = limit
+        wanted = {"max": f"at most {n} words", "min": f"at least {n} words", "about": f"about {n} words"}[kind]
+        obeyed = rewards.word_limit_compliance([prompt], [answer["answer"]])[0]
+        parts.append(f"{'obeys' if obeyed else 'breaks'} the limit ({wanted})")
+    return " · ".join(parts)
+
+
+def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, max_new_tokens):
+    """Yield the page's outputs (the prompt as sent, then answer and stats per column) as
+    each model finishes. Errors become a message in the page, never a traceback."""
+    try:
+        sent, tokens = full_prompt(prompt, word_limit, max_new_tokens, args)
+    except InputError as e:
+        raise gr.Error(str(e), title="Not sent") from None
+    outputs = [f"**Sent:** {sent}"] + ["", "*waiting...*"] * len(columns)
+    yield list(outputs)
+    for i, column in enumerate(columns):
+        try:
+            with column.active() as model:
+                answer = generate_answers(model, column.tokenizer, [sent], tokens)[0]
+        except Exception as e:  # shown to the user in one line; the details go to the server's log
+            traceback.print_exc()
+            hint = " Ask for fewer tokens." if isinstance(e, torch.OutOfMemoryError) else ""
+            raise gr.Error(f"{column.label} failed: {type(e).__name__}: {str(e)[:300]}.{hint}",
+                           title="Generation failed") from None
+        outputs[1 + 2 * i: 3 + 2 * i] = [answer["answer"], stats_line(answer, sent, tokens)]
+        yield list(outputs)
+
+
+# ---------------------------------------------------------------------------------------
+# The page.
+# ---------------------------------------------------------------------------------------
+# System fonts: the default theme fetches Google Fonts, which an offline machine (or a
+# private one) should not need to render a page.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+
+
+def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Blocks:
+    """The page: a prompt box, an optional word limit and a max-tokens slider; one column
+    per model with its greedy answer and word count. Queued, one generation at a time."""
+    args = args or AppArguments()
+    with gr.Blocks(title="phi2-qlora: base vs fine-tuned", analytics_enabled=False) as demo:
+        gr.Markdown("## Phi-2, before and after fine-tuning\nThe same prompt to each model; greedy answers, "
+                    "so the same prompt always gets the same answer. Words are counted as IFEval counts them.")
+        prompt = gr.Textbox(label="Prompt", lines=3, max_length=args.max_prompt_chars, elem_id="prompt",
+                            placeholder="Ask something...")
+        with gr.Row(equal_height=True):
+            word_limit = gr.Number(label="Word limit (optional)", precision=0, minimum=1, maximum=MAX_WORD_LIMIT,
+                                   elem_id="word-limit", info="appended as: " + LIMIT_INSTRUCTION.format(n="N"))
+            max_new_tokens = gr.Slider(8, args.max_new_tokens_cap, value=args.max_new_tokens, step=8,
+                                       label="Max new tokens", elem_id="max-new-tokens")
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+        gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=[prompt])
+        sent = gr.Markdown(elem_id="sent")
+        outputs = [sent]
+        with gr.Row(equal_height=True):
+            for column in columns:
+                with gr.Column(min_width=240):
+                    gr.Markdown(f"**{column.label}**")
+                    outputs.append(gr.Textbox(label="Answer", lines=8, interactive=False,
+                                              elem_id=f"answer-{column.key}"))
+                    outputs.append(gr.Markdown(elem_id=f"stats-{column.key}"))
+
+        def respond(prompt, word_limit, max_new_tokens):
+            yield from answer_all(columns, args, prompt, word_limit, max_new_tokens)
+
+        button.click(respond, [prompt, word_limit, max_new_tokens], outputs, api_name="generate",
+                     concurrency_limit=1)
+    # One generation at a time (one GPU, or the CPU's cores); at most max_queue waiting.
+    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    return demo
+
+
+def launch(demo: gr.Blocks, args: AppArguments | None = None, **kwargs):
+    """Serve on args.host:args.port; a public link only if args.share. Both are always
+    passed, since Gradio turns share on by itself inside Colab."""
+    args = args or AppArguments()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[app] listening on {args.host}: reachable from other machines on this network")
+    return demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
+                       show_error=False, theme=THEME, **kwargs)
+
+
+def parse_args(argv: list[str] | None = None) -> AppArguments:
+    parser = HfArgumentParser(AppArguments)
+    (args,) = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    demo = build_demo(load_columns(args), args)
+    launch(demo, args)
+
+
+if __name__ == "__main__":
+    exit_on_input_error(main)
