@@ -72,6 +72,7 @@ NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)}
 NUMBER_WORDS.update({w: 10 * (i + 2) for i, w in enumerate(_TENS[:3])})
 NUMBER_WORDS.update({w: 10 * (i + 4) for i, w in enumerate(_TENS[3:])})  # "fourty": a common typo
 _SCALES = {"hundred": 100, "thousand": 1000}
+MAX_LIMIT_WORDS = 999_999_999  # a bigger number in a prompt is not a word limit
 
 _TOK = r"(?:" + "|".join(sorted([*NUMBER_WORDS, *_SCALES], key=len, reverse=True)) + r")\b"
 _NUM_WORDS = rf"(?:an?\s+(?=hundred|thousand))?\b{_TOK}(?:(?:\s+|\s*-\s*)(?:and\s+)?{_TOK})*"
@@ -128,6 +129,8 @@ def words_to_number(text: str) -> int | None:
         elif tok == "thousand":
             total += max(current, 1) * 1000
             current = 0
+        if total + current > MAX_LIMIT_WORDS:
+            return None  # "a hundred hundred hundred ... words": no limit, and no float overflow later
     return total + current
 
 
@@ -267,10 +270,13 @@ def _ended_flags(completions: list, completion_ids, ended, end_token_id) -> list
 def _valid_limit(value) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, Integral):
-        return int(value) if value >= 1 else None
-    if isinstance(value, Real) and math.isfinite(value) and value >= 1 and float(value).is_integer():
-        return int(value)
+    try:
+        if isinstance(value, Integral):
+            return int(value) if value >= 1 else None
+        if isinstance(value, Real) and math.isfinite(value) and value >= 1 and float(value).is_integer():
+            return int(value)
+    except (ArithmeticError, ValueError, TypeError):  # Fraction(10**400): too big for a float
+        pass
     return None
 
 
@@ -452,14 +458,17 @@ def read_pairs(path: str) -> list[dict]:
         raise InputError(f"{path}: is a directory, not a file")
     if not p.is_file():
         raise InputError(f"{path}: file not found")
-    rows, lineno = [], 0
-    try:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(check_pair(line, f"{path}:{lineno}"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+    rows = []
+    # Line by line in bytes: a text-mode file decodes 8 KB ahead and blames an earlier line.
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: skip a byte-order mark
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); "
+                                 "save the file as UTF-8") from None
+            if line.strip():
+                rows.append(check_pair(line, f"{path}:{lineno}"))
     if not rows:
         raise InputError(f"{path}: no rows (each line: {{\"prompt\": ..., \"completion\": ...}})")
     return rows
@@ -470,12 +479,21 @@ def check_pair(line: str, where: str) -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read; each line must be one flat JSON object") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise InputError(f"{where}: a number in the line is too long to read (over 4,300 digits)") from None
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object with \"prompt\" and \"completion\"")
     for name in ("prompt", "completion"):
         if not isinstance(row.get(name), str):
             got = "missing" if name not in row else f"a {type(row[name]).__name__}"
             raise InputError(f"{where}: field '{name}' must be a string ({got})")
+        try:
+            row[name].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone "\ud800" escape: it could be neither printed nor written
+            raise InputError(f"{where}: field '{name}' holds an unpaired surrogate escape "
+                             f"({row[name][e.start]!r} at character {e.start}); fix the escape") from None
     if row.get("ended") is None:
         row["ended"] = True  # someone's own text counts as a finished answer
     elif not isinstance(row["ended"], bool):
@@ -556,6 +574,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.out and Path(args.out).resolve() == Path(args.pairs).resolve():
         raise InputError(f"{args.out}: --out is the input file; pick another path")
+    if args.out and Path(args.out).is_dir():
+        raise InputError(f"{args.out}: --out is a directory; give a file path such as scored.jsonl")
     scored = score_rows(read_pairs(args.pairs))
     print(format_table(scored))
     if args.out:
