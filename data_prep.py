@@ -44,10 +44,12 @@ survive the filters, and 4,263 trees give conversations.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import math
 import random
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -180,19 +182,20 @@ def source_kind(name: str) -> str:
 
 
 def jsonl_lines(path: str):
-    """(where, line) for each non-blank line. Read by hand: the `datasets` JSON loader
-    does not say which line is bad."""
+    """(where, line as bytes) for each non-blank line; `decode` makes it text. Read by hand:
+    the `datasets` JSON loader does not say which line is bad. Bytes, not a text-mode file,
+    because that decodes 8 KB ahead and blames an earlier line for a bad byte. Lines end in
+    \n, as JSON Lines says (\r\n works too); a UTF-8 byte-order mark is skipped."""
     opener = gzip.open if path.lower().endswith(".gz") else open
-    lineno = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rb") as f:
             for lineno, line in enumerate(tqdm(f, desc="reading", unit=" lines", disable=None), 1):
+                if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
                 if line.strip():
                     yield f"{path}:{lineno}", line
-    except UnicodeDecodeError:
-        raise InputError(f"{path}:{lineno + 1}: not UTF-8 text") from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"{path}: cannot read it: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # a damaged .gz raises any of these
+        raise InputError(f"{path}: cannot read it: {one_line(e)}") from None
 
 
 def parquet_rows(path: str):
@@ -204,8 +207,32 @@ def parquet_rows(path: str):
         raise InputError(f"{path}: cannot read it as parquet: {one_line(e)}") from None
     # Only the columns we use: the nested detoxify / emojis / labels ones are slow to convert.
     table = table.select([c for c in table.column_names if c in MESSAGE_FIELDS])
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}: row {i} (from 0)", row
+    for start in range(0, table.num_rows, 1000):
+        part = table.slice(start, 1000)
+        try:
+            rows = part.to_pylist()
+        except Exception:  # a value Python cannot hold, such as a timestamp past the year 9999
+            rows = [{name: python_value(part.column(name), j) for name in part.column_names}
+                    for j in range(part.num_rows)]
+        for i, row in enumerate(rows, start):
+            yield f"{path}: row {i} (from 0)", row
+
+
+class Unreadable:
+    """A parquet value Python cannot hold; it fails every field check, which names it."""
+
+    def __init__(self, error: Exception):
+        self.error = one_line(error)
+
+    def __str__(self):
+        return f"an unreadable value ({self.error})"
+
+
+def python_value(column, j: int):
+    try:
+        return column[j].as_py()
+    except Exception as e:
+        return Unreadable(e)
 
 
 def hub_rows(name: str):
@@ -246,12 +273,19 @@ def read_messages(args: ScriptArguments, kind: str, summary: dict) -> list[dict]
 
 
 def decode(record):
-    if not isinstance(record, str):
+    """A line of a JSONL file (bytes) -> its JSON value; a parquet or Hub row already is one."""
+    if not isinstance(record, bytes):
         return record
     try:
-        return json.loads(record)
+        return json.loads(record.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadRow(f"not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise BadRow(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadRow("JSON nested too deeply to read") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise BadRow("a number too long to read (over 4,300 digits)") from None
 
 
 def check_unique_ids(batch: list[dict], first_seen: dict) -> None:
@@ -309,6 +343,8 @@ def parse_message(raw, prefix: str = "", nested: tuple | None = None) -> dict:
         parent_id, tree_id = nested
     role = get("role", is_role, "'prompter' or 'assistant'")
     text = get("text", is_str, "a string")
+    if (bad := unpaired_surrogate(text)) is not None:  # a lone "\ud800" escape cannot be written out
+        raise BadRow(f"field '{prefix}text' holds an unpaired surrogate escape ({text[bad]!r} at character {bad})")
     lang = get("lang", is_str_or_none, "a string or null")
     # The export leaves out false / null fields, so these may be absent.
     deleted = get("deleted", is_bool_or_none, "true or false", required=False)
@@ -332,6 +368,15 @@ def parse_message(raw, prefix: str = "", nested: tuple | None = None) -> dict:
 
 def is_str(v):
     return isinstance(v, str)
+
+
+def unpaired_surrogate(text: str) -> int | None:
+    """Where JSON's "\ud800" left half a character, which UTF-8 cannot hold, or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def is_id(v):
@@ -371,7 +416,10 @@ def date_key(v) -> float:
 
 
 def short(value) -> str:
-    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    except (RecursionError, ValueError):  # nested too deeply to write back, or a 5,000-digit number
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -537,7 +585,9 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
         n = rng.choice(WORD_LIMITS)
         instruction = rng.choice(WORD_LIMIT_TEMPLATES).format(n=n)
         # After a multi-line prompt (code, lists) the instruction reads better on its own line.
-        sep = "\n\n" if "\n" in prompt else " "
+        # So it does after a sentence with no closing mark, and there it must: rewards.py reads
+        # "Is it safe or not Use at most 20 words." as a negated limit, "at least 20 words".
+        sep = " " if "\n" not in prompt and prompt.endswith((".", "!", "?")) else "\n\n"
         rows.append({"prompt": f"{prompt}{sep}{instruction}", "word_limit": n})
     return rows
 
@@ -640,11 +690,18 @@ def check_args(args: ScriptArguments) -> None:
 
 
 def check_not_overwriting_input(name: str, kind: str, out_dir: Path) -> None:
-    if kind == "hub":
-        return
-    source = Path(name).resolve()
-    if any((out_dir / f).resolve() == source for f in OUTPUT_FILES):
-        raise InputError(f"{name}: the input is one of the output files; pick another --output_dir")
+    if kind != "hub":
+        source = Path(name).resolve()
+        if any((out_dir / f).resolve() == source for f in OUTPUT_FILES):
+            raise InputError(f"{name}: the input is one of the output files; pick another --output_dir")
+    # Found now, not after the whole read: a file where the directory (or its parent) should be,
+    # or a directory where an output file should be.
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"{out_dir}: cannot be the output directory, {existing} is a file; pick another --output_dir")
+    for f in OUTPUT_FILES:
+        if (out_dir / f).is_dir():
+            raise InputError(f"{out_dir / f}: is a directory, where an output file goes; move it or pick another --output_dir")
 
 
 def nothing_left(args: ScriptArguments, langs: set | None, summary: dict) -> str:
