@@ -1,0 +1,123 @@
+"""The walkthrough notebook: committed without outputs, and run top to bottom in tiny mode
+by a real Jupyter kernel (nbclient + ipykernel), as a user would run it, failing on any
+cell error. Its tiny run writes only into a temp dir, never into outputs/ or data/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import check_notebooks  # noqa: E402
+
+WALKTHROUGH = ROOT / "notebooks" / "phi2_qlora_walkthrough.ipynb"
+BUDGET_S = 300  # the whole tiny run must finish within 5 minutes in CI (about 1.5 when it has the CPU alone)
+# CI's tiny mode: fewer steps and shorter answers than recipes/*_tiny.yaml. It checks that
+# every cell runs and shows what it should, not that the model learns (test_sft/test_grpo do).
+TINY_PARAMETERS = {
+    "TINY_MODEL_FLAGS": "--pretrain_steps 20",
+    "SFT_FLAGS": "--max_steps 4 --per_device_train_batch_size 4 --logging_steps 1 --eval_steps 2 --save_steps 4 "
+                 "--preview_steps 2 --preview_max_new_tokens 8",
+    "GRPO_FLAGS": "--max_steps 2 --num_generations 2 --per_device_train_batch_size 4 --max_completion_length 16 "
+                  "--save_steps 2 --preview_steps 2 --preview_max_new_tokens 8",
+    "EVAL_FLAGS": "--max_new_tokens 16",
+}
+
+
+def test_committed_notebooks_have_no_outputs():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert WALKTHROUGH in notebooks
+    for path in notebooks:
+        nbformat.validate(nbformat.read(path, as_version=4))
+        assert check_notebooks.problems(path) == [], "run: python tools/check_notebooks.py --strip"
+
+
+def test_checker_catches_and_strips_outputs(tmp_path):
+    nb = nbformat.read(WALKTHROUGH, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    cell.execution_count = 1
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nb, path)
+    assert len(check_notebooks.problems(path)) == 2
+    assert check_notebooks.main([str(path)]) == 1
+    assert check_notebooks.main(["--strip", str(path)]) == 0
+    assert check_notebooks.problems(path) == []
+
+
+def parameters_cell_index(nb) -> int:
+    (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    return index
+
+
+def test_one_parameters_cell_switches_the_mode():
+    nb = nbformat.read(WALKTHROUGH, as_version=4)
+    source = nb.cells[parameters_cell_index(nb)].source
+    assert 'MODE = "real"' in source  # a user who opens it in Colab gets the real run
+    for name in ("TINY_DIR", *TINY_PARAMETERS):
+        assert f"\n{name} = " in source, name
+
+
+def inject_parameters(nb, values: dict) -> None:
+    """papermill's convention: a cell tagged `injected-parameters` right after `parameters`."""
+    cell = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()))
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(parameters_cell_index(nb) + 1, cell)
+
+
+def snapshot(*dirs: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for d in dirs if d.exists() for p in d.rglob("*")}
+
+
+def outputs_of(nb, output_type: str, mime: str) -> list:
+    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == output_type and mime in o.get("data", {})]
+
+
+def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    nb = nbformat.read(WALKTHROUGH, as_version=4)
+    inject_parameters(nb, {"MODE": "tiny", "TINY_DIR": str(work), **TINY_PARAMETERS})
+    # `!python` in the notebook must find this interpreter, whatever PATH says.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    # What the scripts write by default: the notebook's tiny mode must leave all of it alone.
+    defaults = [ROOT / "data", ROOT / "outputs" / "notebook-tiny", ROOT / "outputs" / "eval",
+                *(ROOT / "outputs").glob("tiny-*")]
+    before = snapshot(*defaults)
+
+    client = NotebookClient(nb, kernel_name="python3", timeout=BUDGET_S, startup_timeout=120,
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    start = time.monotonic()
+    try:
+        client.execute()
+    except CellExecutionError:
+        nbformat.write(nb, tmp_path / "failed.ipynb")  # for a look at every cell's output
+        raise
+    elapsed = time.monotonic() - start
+    print(f"notebook ran in tiny mode in {elapsed:.0f} s")
+
+    if os.environ.get("CI"):  # CI has the machine to itself; a shared dev box's load says nothing of the notebook
+        assert elapsed < BUDGET_S
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    markdown = "\n".join(outputs_of(nb, "display_data", "text/markdown"))
+    assert "## Preview at step 0 (before training)" in markdown  # SFT's and GRPO's previews, inline
+    assert markdown.count("## Preview at step 2") == 2
+    assert "# Evaluation" in markdown and "| grpo |" in markdown  # evaluate.py's report.md
+    assert len(outputs_of(nb, "display_data", "image/png")) >= 3  # loss.png, rewards.png, report.png
+    streamed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                       if o.output_type == "stream")
+    assert "[sft] adapter, previews and loss.png" in streamed and "[grpo] adapter" in streamed  # the logs, as they came
+    for path in ("tiny-phi/model.safetensors", "data/train.jsonl", "sft/adapter_model.safetensors",
+                 "grpo/adapter_model.safetensors", "eval/report.json"):
+        assert (work / path).is_file(), path
+    assert snapshot(*defaults) == before  # nobody's demo outputs touched
