@@ -117,6 +117,9 @@ def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     streamed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
                        if o.output_type == "stream")
     assert "[sft] adapter, previews and loss.png" in streamed and "[grpo] adapter" in streamed  # the logs, as they came
+    # The demo page, served from the kernel, answered one request with all three models.
+    assert "**Sent:** Explain why the sky is blue. Answer in under 20 words." in streamed
+    assert all(f"\n{key}: " in streamed for key in ("base", "sft", "grpo")), streamed[-2000:]
     for path in ("tiny-phi/model.safetensors", "data/train.jsonl", "sft/adapter_model.safetensors",
                  "grpo/adapter_model.safetensors", "eval/report.json"):
         assert (work / path).is_file(), path
