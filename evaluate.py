@@ -278,7 +278,7 @@ def main(args: EvalArguments) -> dict:
     # Everything the user gave is checked before the model loads: a typo costs seconds.
     models = requested_models(args)
     rows = read_prompt_rows(args.prompts_file)[: args.max_prompts]
-    if min(args.batch_size, args.max_new_tokens, args.max_prompts or 1) < 1:
+    if min(args.batch_size, args.max_new_tokens, 1 if args.max_prompts is None else args.max_prompts) < 1:
         raise InputError("--batch_size, --max_new_tokens and --max_prompts must be at least 1")
     dtype = pick_dtype(args.dtype)
     print(f"[eval] {', '.join(models)} on {len(rows)} prompts from {args.prompts_file}, "
