@@ -25,7 +25,7 @@ BUDGET_S = 300  # the whole tiny run must finish within 5 minutes in CI (about 1
 # CI's tiny mode: fewer steps and shorter answers than recipes/*_tiny.yaml. It checks that
 # every cell runs and shows what it should, not that the model learns (test_sft/test_grpo do).
 TINY_PARAMETERS = {
-    "TINY_MODEL_FLAGS": "--pretrain_steps 20",
+    "TINY_MODEL_FLAGS": "--pretrain_steps 0",
     "SFT_FLAGS": "--max_steps 4 --per_device_train_batch_size 4 --logging_steps 1 --eval_steps 2 --save_steps 4 "
                  "--preview_steps 2 --preview_max_new_tokens 8",
     "GRPO_FLAGS": "--max_steps 2 --num_generations 2 --per_device_train_batch_size 4 --max_completion_length 16 "
@@ -84,6 +84,28 @@ def outputs_of(nb, output_type: str, mime: str) -> list:
             if o.output_type == output_type and mime in o.get("data", {})]
 
 
+def executed(nb, cwd: Path = ROOT / "notebooks", timeout: int = BUDGET_S) -> float:
+    """Run every cell in a fresh python3 kernel started in `cwd`; seconds taken."""
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, startup_timeout=120,
+                            resources={"metadata": {"path": str(cwd)}})
+    start = time.monotonic()
+    client.execute()
+    return time.monotonic() - start
+
+
+def test_real_mode_without_a_gpu_stops_at_once_with_a_clear_error():
+    """'Run all' in real mode on a CPU runtime must stop before any download or training."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: real mode would start the real run")
+    nb = nbformat.read(WALKTHROUGH, as_version=4)
+    with pytest.raises(CellExecutionError, match="MODE='real' needs a GPU"):
+        executed(nb, timeout=120)
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+    assert "needs a GPU" in ran[-1].source  # the last cell run: nothing after it started
+
+
 def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     work = tmp_path / "work"
     nb = nbformat.read(WALKTHROUGH, as_version=4)
@@ -95,15 +117,11 @@ def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
                 *(ROOT / "outputs").glob("tiny-*")]
     before = snapshot(*defaults)
 
-    client = NotebookClient(nb, kernel_name="python3", timeout=BUDGET_S, startup_timeout=120,
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
-    start = time.monotonic()
     try:
-        client.execute()
+        elapsed = executed(nb)
     except CellExecutionError:
         nbformat.write(nb, tmp_path / "failed.ipynb")  # for a look at every cell's output
         raise
-    elapsed = time.monotonic() - start
     print(f"notebook ran in tiny mode in {elapsed:.0f} s")
 
     if os.environ.get("CI"):  # CI has the machine to itself; a shared dev box's load says nothing of the notebook
