@@ -308,7 +308,10 @@ def main(args: EvalArguments) -> dict:
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
     from trl import TrlParser  # --config my_eval.yaml works too, as for the training scripts
 
-    (args,) = TrlParser([EvalArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    try:
+        (args,) = TrlParser([EvalArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:  # an unknown flag: one line, not a traceback
+        raise InputError(f"{e}; --help lists every option") from None
     return args
 
 

@@ -239,7 +239,10 @@ def main(args: ExportArguments) -> dict:
 def parse_args(argv: list[str] | None = None) -> ExportArguments:
     from trl import TrlParser
 
-    (args,) = TrlParser([ExportArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    try:
+        (args,) = TrlParser([ExportArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:  # an unknown flag: one line, not a traceback
+        raise InputError(f"{e}; --help lists every option") from None
     return args
 
 

@@ -137,6 +137,8 @@ def test_bad_input_stops_before_a_model_loads(sample_data_dir, adapters, tmp_pat
 
 
 def test_command_line_error_is_one_line(tmp_path):
+    with pytest.raises(common.InputError, match=r"not used by the HfArgumentParser: \['--max_tokens', '5'\]"):
+        evaluate.parse_args(["--max_tokens", "5"])  # a misspelt flag
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models", "sft",
                              "--sft_adapter", str(tmp_path / "none")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
