@@ -151,7 +151,8 @@ class InputError(Exception):
 
 
 def exit_on_input_error(main):
-    """Run `main()`; turn an InputError into one line on stderr and exit status 2."""
+    """Run `main()`; turn an InputError into one line on stderr and exit status 2 (a
+    RunFault, a run that failed: 1)."""
     import sys
 
     try:
@@ -159,7 +160,7 @@ def exit_on_input_error(main):
     except InputError as e:
         prog = Path(sys.argv[0]).stem
         print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(e, "exit_status", 2)) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,19 +184,149 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
     """Parse `--config recipe.yaml` (default: `default_recipe`) and command-line overrides
     with TRL's parser. Mixed precision then follows the compute dtype (`pick_dtype`): fp16
     AMP on a T4, bf16 on Ampere+, none on the CPU. The configs check their fields when
-    built, so the flags go in as arguments of a second parse, not as edits afterwards."""
+    built, so the flags go in as arguments of a second parse, not as edits afterwards.
+
+    The recipe is checked first (unknown keys, wrong types, with its line numbers): TRL
+    passes YAML values to the dataclasses unchecked, so `per_device_train_batch_size: 2.5`
+    would otherwise fail far into the run, or not at all."""
     import torch
     from trl import ModelConfig, TrlParser
 
     argv = list(argv)
     if "--config" not in argv:
         argv = ["--config", str(default_recipe), *argv]
+    if argv.index("--config") + 1 >= len(argv):
+        raise InputError("--config needs a recipe file, e.g. --config recipes/sft_tiny.yaml")
+    check_recipe(argv[argv.index("--config") + 1], dataclass_types)
     parser = TrlParser(dataclass_types)
-    first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
-    model_args = next(a for a in first if isinstance(a, ModelConfig))
-    dtype = pick_dtype(model_args.dtype)
-    return parser.parse_args_and_config(
-        [*argv, "--fp16", str(dtype == torch.float16), "--bf16", str(dtype == torch.bfloat16)])
+
+    def error(message):  # argparse would print a 200-line usage first
+        raise InputError(f"{message} (in the recipe or on the command line; --help lists every option)")
+
+    parser.error = error
+    try:  # the configs' own checks (__post_init__) raise ValueError
+        first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
+        model_args = next(a for a in first if isinstance(a, ModelConfig))
+        dtype = pick_dtype(model_args.dtype)
+        return parser.parse_args_and_config(
+            [*argv, "--fp16", str(dtype == torch.float16), "--bf16", str(dtype == torch.bfloat16),
+             *split_batch_over_processes(first)])
+    except ValueError as e:
+        raise InputError(f"{argv[argv.index('--config') + 1]}: {e}") from None
+
+
+def split_batch_over_processes(parsed) -> list[str]:
+    """Under `accelerate launch --num_processes N`, the flags that keep the recipe's
+    effective batch (micro-batch x accumulation x processes): the accumulation is divided
+    by N where it can be, else the micro-batch. `--keep_effective_batch false` keeps the
+    per-process values, and the batch grows N times."""
+    from transformers import TrainingArguments
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    script_args = parsed[0]
+    args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    if processes > 1 and getattr(script_args, "keep_effective_batch", False):
+        if accumulation % processes == 0:
+            accumulation //= processes
+        elif micro % processes == 0:
+            micro //= processes
+        else:
+            raise InputError(f"can't keep the effective batch ({micro} x {accumulation}) over {processes} processes: "
+                             "neither per_device_train_batch_size nor gradient_accumulation_steps divides by it; "
+                             "change one, or pass --keep_effective_batch false")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[batch] effective batch {micro * accumulation * processes} = {micro} per micro-batch x "
+              f"{accumulation} accumulated x {processes} process{'es' if processes > 1 else ''}", flush=True)
+    return ["--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", str(accumulation)]
+
+
+def check_recipe(path: str, dataclass_types) -> dict:
+    """Read a recipe and check every key against the dataclasses' fields and their types;
+    errors name the file, the line and the key."""
+    import dataclasses
+    import difflib
+    import typing
+
+    import yaml
+
+    path_ = Path(path)
+    if not path_.is_file():
+        raise InputError(f"{path}: recipe not found (the recipes are in recipes/)")
+    text = path_.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise InputError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise InputError(f"{path}: a recipe is a mapping of `key: value` lines, got {type(recipe).__name__}")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
+    fields = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        fields.update({f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)})
+    for key, value in recipe.items():
+        where = f"{path}:{lines.get(key, '?')}"
+        if key == "env":
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; --help lists every option"
+            raise InputError(f"{where}: unknown key '{key}'{hint}")
+        if not _fits(value, fields[key]):
+            raise InputError(f"{where}: '{key}' must be {_describe(fields[key])}, got {value!r}")
+    return recipe
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a YAML value fits a dataclass field's type (what can't be judged passes)."""
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any or isinstance(annotation, (str, typing.TypeVar)):
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set):
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or value in annotation.__members__
+    return True
+
+
+def _describe(annotation) -> str:
+    import typing
+
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             type(None): "null", dict: "a mapping"}
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    if typing.get_origin(annotation) in (list, tuple, set):
+        return "a list"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
@@ -357,20 +488,195 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name:
 # Runs: checkpoints and curves.
 # ---------------------------------------------------------------------------------------
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+COMPLETE_MARK = "checkpoint_complete"  # written by TrainingGuard after the Trainer has saved everything
+RUN_FILE = "run.json"  # what ran in an output directory, so a resume can't mix two runs
 
 
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The highest-numbered `checkpoint-N` that holds every file a resume needs.
-    (transformers' get_last_checkpoint takes the highest number even if it is half written.)"""
+def latest_complete_checkpoint(output_dir: str | os.PathLike, verbose: bool = False) -> str | None:
+    """The highest-numbered `checkpoint-N` that was saved whole: it holds every file a
+    resume needs and TrainingGuard's mark, written after them. The Trainer writes in place
+    and transformers' get_last_checkpoint takes the highest number even if a kill -9 cut
+    its writing short."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
     found = []
     for d in root.glob("checkpoint-*"):
         step = d.name.split("-")[-1]
-        if d.is_dir() and step.isdigit() and all((d / f).is_file() for f in CHECKPOINT_FILES):
-            found.append((int(step), d))
+        if not (d.is_dir() and step.isdigit()):
+            continue
+        missing = [f for f in (*CHECKPOINT_FILES, COMPLETE_MARK) if not (d / f).is_file()]
+        if missing:
+            if verbose:
+                print(f"[resume] skipping {d}: incomplete (no {', '.join(missing)}; interrupted while saving?)")
+            continue
+        found.append((int(step), d))
     return str(max(found)[1]) if found else None
+
+
+def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> str | None:
+    """Check that `output_dir` is free or holds this same run, before any model is loaded,
+    and return the checkpoint to resume from (None: start fresh). `run` names what must not
+    change across a resume (script, model, adapter shape); it is written to run.json."""
+    root = Path(output_dir)
+    saved = json.loads((root / RUN_FILE).read_text(encoding="utf-8")) if (root / RUN_FILE).is_file() else None
+    has_run = any(root.glob("checkpoint-*")) or (root / "adapter_config.json").is_file()
+    if saved is None and has_run:
+        raise InputError(f"{root} holds checkpoints or an adapter of another run (no {RUN_FILE}); "
+                         "choose another --output_dir or remove that directory")
+    if saved is not None and saved != run:
+        changed = ", ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now"
+                            for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k))
+        raise InputError(f"{root} holds another run ({changed}); choose another --output_dir or remove it")
+    if has_run and not resume:
+        raise InputError(f"{root} holds checkpoints of this run and --resume is false; to start over, "
+                         f"remove the directory first (rm -r {root}) or choose another --output_dir")
+    resume_from = latest_complete_checkpoint(root, verbose=True) if resume else None
+    if _is_main_process():
+        write_atomic(root / RUN_FILE, json.dumps(run, indent=1) + "\n")
+    return resume_from
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+class RunFault(InputError):
+    """Training went wrong in a way the recipe can fix (a NaN, out of memory): printed as
+    one message, like bad input, with exit status 1."""
+
+    exit_status = 1
+
+
+def train_guarded(trainer, resume_from: str | None, memory_knobs: dict) -> None:
+    """`trainer.train()` for a run that may be interrupted or go wrong:
+
+    - Ctrl-C / SIGTERM (preemption): the current optimizer step finishes, a checkpoint is
+      saved, and the script exits with 130 / 143; a second Ctrl-C quits at once.
+    - a non-finite loss, gradient or weight stops the run with the step and likely causes;
+      nothing is saved after the fault, so the last checkpoint stays good.
+    - CUDA out of memory ends with the recipe values to lower (`memory_knobs`).
+    """
+    import torch
+
+    guard = TrainingGuard()
+    trainer.add_callback(guard)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        knobs = ", ".join(f"{k} (now {v})" for k, v in memory_knobs.items())
+        raise RunFault(f"out of GPU memory at step {trainer.state.global_step}. Lower, in this order: {knobs}. "
+                       "Halving per_device_train_batch_size and doubling gradient_accumulation_steps keeps "
+                       "the effective batch. Checkpoints written so far are intact: rerun to resume.") from None
+    finally:
+        guard.restore_signal_handlers()
+    if guard.signal is not None:
+        import signal
+
+        name = signal.Signals(guard.signal).name
+        where = latest_complete_checkpoint(trainer.args.output_dir)
+        print(f"[stop] {name}: stopped at step {trainer.state.global_step}, saved {where}. "
+              "Run the same command again to resume.", flush=True)
+        raise SystemExit(128 + guard.signal)
+
+
+class TrainingGuard:
+    """train_guarded's Trainer callback: signals, non-finite values, and the mark of a
+    complete checkpoint. Duck-typed rather than a `TrainerCallback` subclass: importing
+    transformers' callback module costs seconds, and data_prep.py imports this module."""
+
+    def __getattr__(self, name):  # the Trainer calls every on_* event; the others do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    # -- signals ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop now, without a checkpoint
+            self.restore_signal_handlers()
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[stop] got {__import__('signal').Signals(signum).name}: saving a checkpoint after this step "
+              "(Ctrl-C again to quit at once, without one)", flush=True)
+
+    def restore_signal_handlers(self):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._check_weights(model, args, state)
+        if self._any_process_signalled():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def _any_process_signalled(self) -> bool:
+        """Every process must stop at the same step, or the others wait forever at the
+        next gradient sync; a signal can reach one process only."""
+        import torch
+        import torch.distributed as dist
+
+        stop = self.signal is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item())
+            if stop and self.signal is None:
+                self.signal = __import__("signal").SIGTERM  # another process was told
+        return stop
+
+    # -- numerical faults -------------------------------------------------------------
+    def _check_weights(self, model, args, state):
+        import torch
+
+        if model is None:
+            return
+        trainable = [p.detach() for p in model.parameters() if p.requires_grad]
+        if trainable and not torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all():
+            self._fault(args, state, "a trainable weight became NaN or inf in the last optimizer step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if key == "grad_norm" and args.fp16:
+                continue  # fp16's loss scaler skips overflowing steps itself, by design
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._fault(args, state, f"the logged {key} is {value}")
+
+    def _fault(self, args, state, what: str):
+        last = latest_complete_checkpoint(args.output_dir)
+        raise RunFault(
+            f"step {state.global_step}: {what}. Likely causes: fp16 overflow (on a T4: Phi-2's activations can "
+            "exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa attention) or a learning "
+            f"rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
+            f"{last or 'none'}: lower learning_rate and rerun to resume from it.")
+
+    # -- complete checkpoints ---------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_atomic(folder / COMPLETE_MARK, f"step {state.global_step}\n")
 
 
 def plot_history(log_history: list[dict], series: dict[str, str], path: str | os.PathLike, title: str) -> bool:

@@ -26,10 +26,10 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 import rewards
 from common import (
     InputError,
+    claim_output_dir,
     count_words,
     exit_on_input_error,
     format_prompt,
-    latest_complete_checkpoint,
     load_adapter,
     load_base_model,
     model_kwargs,
@@ -38,6 +38,7 @@ from common import (
     pick_dtype,
     plot_history,
     read_prompt_rows,
+    train_guarded,
 )
 from preview_callback import PreviewCallback
 
@@ -62,6 +63,9 @@ class ScriptArguments:
     preview_steps: int = field(default=50, metadata={"help": "generate previews every N optimizer steps (0: never)"})
     preview_prompts_file: str | None = field(default=None, metadata={"help": "default: word-limited prompts"})
     preview_max_new_tokens: int = field(default=160, metadata={"help": "length cap of each preview answer"})
+    keep_effective_batch: bool = field(
+        default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
+    )
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint"})
 
 
@@ -125,12 +129,14 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
 
     if not (Path(script_args.sft_adapter) / "adapter_config.json").is_file():
         raise InputError(f"{script_args.sft_adapter}: no SFT adapter there; run sft_qlora.py first (see README)")
+    run = {"script": "grpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+           "sft_adapter": str(Path(script_args.sft_adapter).resolve())}
+    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included
     train_dataset = load_prompts(script_args.prompts_file, tokenizer, script_args.max_prompt_tokens,
                                  script_args.max_prompts)
     previews = ([r["prompt"] for r in read_prompt_rows(script_args.preview_prompts_file)]
                 if script_args.preview_prompts_file else PREVIEW_PROMPTS)
-    resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None
     print("[grpo] " + (f"resuming from {resume_from}" if resume_from else "starting from the SFT adapter"))
 
     model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
@@ -152,7 +158,11 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
                                              every=script_args.preview_steps,
                                              max_new_tokens=script_args.preview_max_new_tokens))
 
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_guarded(trainer, resume_from, {
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "max_completion_length": training_args.max_completion_length,
+        "num_generations": training_args.num_generations,
+        "gradient_checkpointing": training_args.gradient_checkpointing})
     if trainer.is_world_process_zero():
         # The trained adapter alone: checkpoints also hold the frozen `ref` copy.
         trainer.model.save_pretrained(training_args.output_dir, selected_adapters=["default"])

@@ -29,10 +29,10 @@ from common import (
     END,
     ROLE_TOKENS,
     InputError,
+    claim_output_dir,
     chat_token_ids,
     exit_on_input_error,
     fix_lm_head_bias,
-    latest_complete_checkpoint,
     load_base_model,
     model_kwargs,
     load_chat_tokenizer,
@@ -41,6 +41,7 @@ from common import (
     plot_history,
     read_jsonl_rows,
     read_prompt_rows,
+    train_guarded,
     upcast_trainable_params,
 )
 from preview_callback import PreviewCallback
@@ -58,6 +59,9 @@ class ScriptArguments:
         default=None, metadata={"help": ".jsonl of {'prompt': ...} or .txt, one per line; default: built-in prompts"}
     )
     preview_max_new_tokens: int = field(default=128, metadata={"help": "length cap of each preview answer"})
+    keep_effective_batch: bool = field(
+        default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
+    )
     resume: bool = field(
         default=True, metadata={"help": "continue from the latest complete checkpoint in output_dir, if any"}
     )
@@ -114,9 +118,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     eval_dataset = load_conversations(script_args.eval_file) if script_args.eval_file else None
     prompts = ([r["prompt"] for r in read_prompt_rows(script_args.preview_prompts_file)]
                if script_args.preview_prompts_file else None)
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        training_args = dataclasses.replace(training_args, eval_strategy="no")
-    resume_from = latest_complete_checkpoint(training_args.output_dir) if script_args.resume else None
+    if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.eval_on_start):
+        training_args = dataclasses.replace(training_args, eval_strategy="no", eval_on_start=False)
+    run = {"script": "sft_qlora.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+           "lora_r": model_args.lora_r, "lora_target_modules": model_args.lora_target_modules}
+    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
     print(f"[sft] {len(train_dataset)} train / {len(eval_dataset) if eval_dataset else 0} eval conversations; "
           + (f"resuming from {resume_from}" if resume_from else "starting fresh"))
 
@@ -139,7 +145,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if trainer.is_world_process_zero():
         trainer.model.print_trainable_parameters()
 
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_guarded(trainer, resume_from, {
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "max_length": training_args.max_length,
+        "gradient_checkpointing": training_args.gradient_checkpointing})
     trainer.save_model(training_args.output_dir)  # adapter (safetensors) + tokenizer with the chat tokens
     if trainer.is_world_process_zero():
         plot_history(trainer.state.log_history, {"train loss": "loss", "eval loss": "eval_loss"},

@@ -57,14 +57,19 @@ def test_pick_dtype(monkeypatch, cuda, capability, expected):
     assert common.pick_dtype("float16") is torch.float16
 
 
-def test_latest_complete_checkpoint_skips_half_written_ones(tmp_path):
+def test_latest_complete_checkpoint_skips_half_written_ones(tmp_path, capsys):
     assert common.latest_complete_checkpoint(tmp_path / "none") is None
-    for step, files in [(10, common.CHECKPOINT_FILES), (20, common.CHECKPOINT_FILES), (30, common.CHECKPOINT_FILES[:2])]:
+    everything = (*common.CHECKPOINT_FILES, common.COMPLETE_MARK)
+    for step, files in [(10, everything), (20, everything), (30, common.CHECKPOINT_FILES[:2]),
+                        (40, common.CHECKPOINT_FILES)]:  # 40: every file, but killed before the mark
         (tmp_path / f"checkpoint-{step}").mkdir()
         for f in files:
             (tmp_path / f"checkpoint-{step}" / f).write_text("x")
     (tmp_path / "checkpoint-tmp").mkdir()
-    assert common.latest_complete_checkpoint(tmp_path).endswith("checkpoint-20")
+    assert common.latest_complete_checkpoint(tmp_path, verbose=True).endswith("checkpoint-20")
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoint-30" in printed and "checkpoint-40" in printed
+    assert "checkpoint-10" not in printed
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
