@@ -75,7 +75,10 @@ _SCALES = {"hundred": 100, "thousand": 1000}
 MAX_LIMIT_WORDS = 999_999_999  # a bigger number in a prompt is not a word limit
 
 _TOK = r"(?:" + "|".join(sorted([*NUMBER_WORDS, *_SCALES], key=len, reverse=True)) + r")\b"
-_NUM_WORDS = rf"(?:an?\s+(?=hundred|thousand))?\b{_TOK}(?:(?:\s+|\s*-\s*)(?:and\s+)?{_TOK})*"
+# At most 12 more number words ("nine hundred and ninety-nine thousand nine hundred and
+# ninety-nine" takes 9): unbounded, a long run of them ("one one one ...") cost quadratic time,
+# 10 s for 16 KB, as each start in the run scanned to its end.
+_NUM_WORDS = rf"(?:an?\s+(?=hundred|thousand))?\b{_TOK}(?:(?:\s+|\s*-\s*)(?:and\s+)?{_TOK}){{0,12}}"
 _DIGITS = r"(?<![\w.,])(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?![0-9])"
 
 # Words before the number, and the kind of limit they set. Longer phrases first.
