@@ -103,17 +103,23 @@ def nonblank(data: bytes, unicode_blank: bool = False) -> int:
 @st.composite
 def mutated_lines(draw, rows: list[dict], keys: list[str], literals: list[str]) -> list:
     """1-4 mutations of rows (dicts; a line may become bytes): fields dropped, retyped or
-    odd; lines cut, broken, repeated, removed or replaced by junk."""
+    odd; parents relinked (cycles, self-parents, other trees) and ids shared; lines cut,
+    broken, repeated, removed or replaced by junk."""
     lines = [dict(r) for r in rows]
     for _ in range(draw(st.integers(1, 4))):
         if not lines:
             break
         i = draw(st.integers(0, len(lines) - 1))
         line = lines[i]
-        op = draw(st.sampled_from(["drop", "set", "raw", "cut", "utf8", "repeat", "remove", "junk", "blank"]))
-        if op in ("drop", "set", "raw") and not isinstance(line, dict):
+        op = draw(st.sampled_from(["drop", "set", "raw", "relink", "share_id", "cut", "utf8", "repeat", "remove",
+                                   "junk", "blank"]))
+        if op in ("drop", "set", "raw", "relink", "share_id") and not isinstance(line, dict):
             continue
-        if op in ("drop", "set", "raw"):
+        if op in ("relink", "share_id"):
+            ids = [other["message_id"] for other in lines if isinstance(other, dict) and "message_id" in other]
+            if ids:
+                line["parent_id" if op == "relink" else "message_id"] = draw(st.sampled_from(ids))
+        elif op in ("drop", "set", "raw"):
             key = draw(st.sampled_from(keys + sorted(line)))
             if op == "drop":
                 line.pop(key, None)
@@ -147,7 +153,7 @@ def file_bytes(draw, lines: list) -> bytes:
 # ---------------------------------------------------------------------------------------
 # 1. data_prep.py
 # ---------------------------------------------------------------------------------------
-SAMPLE_ROWS = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+SAMPLE_ROWS = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").split("\n") if line.strip()]
 FEW_ROWS = SAMPLE_ROWS[:40]  # 9 trees: quick to run, enough to split
 MESSAGE_KEYS = sorted(data_prep.MESSAGE_FIELDS)
 ALL_LITERALS = ODD_LITERALS + BAD_LITERALS
@@ -182,7 +188,9 @@ def run_data_prep(src: Path, out: Path, **kwargs):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # Split on \n only, as JSON Lines readers do: str.splitlines() also splits at a raw
+    # U+0085 or U+2028, which ensure_ascii=False leaves inside strings.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def base_prompt(row: dict) -> str:
@@ -310,7 +318,7 @@ def parquet_mutations():
         return table.set_column(table.column_names.index(name), name, array)
 
     return {
-        "drop": lambda t, c: t.drop_columns([c]) if c in t.column_names else t,
+        "drop": lambda t, c: t.remove_column(t.column_names.index(c)) if c in t.column_names else t,
         "nulls": lambda t, c: replace(t, c, lambda n: [None] * n, pa.string()),
         "ints": lambda t, c: replace(t, c, range, pa.int64()),
         "floats_nan": lambda t, c: replace(t, c, lambda n: [float("nan")] * n),
@@ -457,7 +465,7 @@ def test_data_prep_random_forests_in_every_format(rows, strategy, lang, eval_fra
     expected = len(assistants) if strategy == "all_replies" else len(answered_roots(kept))
     assert summary["examples_train_before_cap"] + summary["examples_eval"] == expected
     out = outputs["in.jsonl"]
-    for line in (out["train.jsonl"] + out["eval.jsonl"]).decode().splitlines():
+    for line in (out["train.jsonl"] + out["eval.jsonl"]).decode().split("\n")[:-1]:
         messages = json.loads(line)["messages"]
         ids = traced(messages)
         first = kept[ids[0]]
@@ -870,3 +878,15 @@ def test_found_rewards_cli_names_the_line_with_a_bad_byte_and_out_dir(tmp_path):
     assert len(quietly(rewards.main, [str(src)])) == 1
     with pytest.raises(InputError, match="--out is a directory"):  # IsADirectoryError before
         quietly(rewards.main, [str(src), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("run", ["one ", "one-", "one and ", "twenty five "])
+def test_found_rewards_long_run_of_number_words_takes_linear_time(run):
+    """16 KB of "one one one ..." took 10 s of CPU in parse_word_limit (each start in the run
+    scanned to its end): a prompt or a pasted table of numbers could stall scoring."""
+    import time
+
+    text = "Answer in under 50 words. " + run * (16_000 // len(run))
+    start = time.process_time()
+    assert rewards.parse_word_limit(text) == ("max", 50)
+    assert time.process_time() - start < 2.0  # about 0.1 s now
