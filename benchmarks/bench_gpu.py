@@ -1,0 +1,706 @@
+"""Speed and memory at Phi-2 scale, side by side, in one run (PERFORMANCE.md has the results).
+
+Builds the randomly initialised Phi-2-shaped model (`make_phi2_shaped.py`) and seeded
+synthetic data (oasst-like lengths: lognormal, median ~190 tokens, cut at 256), then runs
+each job in its own process, so every peak is clean and a crash or OOM loses one job:
+
+  sft      real (non-pad) tokens/s and peak memory: plain TRL with its defaults, the
+           project's recipe through `sft_qlora.main`, and the optimisations tried;
+  rollout  new tokens/s of plain `generate` at the GRPO shapes (32 x 128, 4-bit + LoRA,
+           sampling in train mode with dropout off, as GRPOTrainer does it);
+  grpo     wall time of one full GRPO step through `grpo_train.main` (T4 recipe);
+  preview  the preview callback's seconds per preview and its share of training time at
+           the recipe's cadence (measured inside the recipe's SFT job).
+
+Timing: a callback synchronises the GPU at each optimizer step's end; the first
+`--warmup` steps are dropped; tokens/s is the measured steps' tokens over their time
+(the per-step median and spread are reported too). Tokens are counted by the Trainer
+(`include_num_input_tokens_seen=non_padding`), summed over processes, so
+
+    accelerate launch --num_processes 2 benchmarks/bench_gpu.py --jobs sft-recipe ...
+
+reports the tokens/s of both GPUs on rank 0 (jobs then run in-process, one after another).
+
+    python benchmarks/bench_gpu.py                      # H100 set: bf16, memory free
+    python benchmarks/bench_gpu.py --t4 --jobs t4       # fp16, capped at 15 GiB, 30 steps each
+    python benchmarks/bench_gpu.py --list               # the jobs and what each one changes
+
+Prints a table at the end and writes `results.json` (and profiles) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SAMPLE = ROOT / "data" / "sample" / "oasst1_sample.jsonl"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+T4_GIB = 15.0
+
+# The seed recipe's values, spelled out, so these jobs mean the same whatever the recipe file says now.
+SEED = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "true",
+        "--lora_dropout", "0.05", "--packing", "false", "--optim", "adamw_torch", "--load_in_4bit", "true"]
+FAST = [*SEED, "--lora_dropout", "0.0", "--packing", "true", "--optim", "adamw_torch_fused"]
+# Run 2: batches of similar lengths instead of TRL's packing (which, with sdpa, flattens the
+# whole micro-batch into one row and pays attention over all of it).
+GROUPED = [*SEED, "--lora_dropout", "0.0", "--optim", "adamw_torch_fused", "--train_sampling_strategy", "group_by_length"]
+
+
+def grouped(batch: int, ckpt: bool, *more: str) -> list[str]:
+    return [*GROUPED, "--per_device_train_batch_size", str(batch), "--gradient_checkpointing", str(ckpt).lower(), *more]
+
+
+def sft_job(name, args=(), *, plain=False, gelu="new", why="", **extra):
+    return dict(name=name, kind="sft", plain=plain, args=list(args), gelu=gelu, why=why, **extra)
+
+
+# Each job changes one thing from the one above it (the "why" is the prediction's reason).
+JOBS = {
+    "run1": [
+        sft_job("trl-defaults", plain=True, profile=True,
+                why="plain SFTTrainer: batch 8, checkpointing, sdpa, NF4 + LoRA r16, loss on all tokens"),
+        sft_job("recipe-seed", SEED, preview=True, why="sft_phi2_t4.yaml as the seed had it: batch 16, checkpointing"),
+        sft_job("+gelu-tanh", SEED, gelu="tanh",
+                why="Phi-2's gelu_new is ~8 elementwise kernels and saves ~7 tensors of 10,240 a token; "
+                    "F.gelu(tanh) is one kernel, the same function"),
+        sft_job("+dropout0", [*SEED, "--lora_dropout", "0.0"], gelu="tanh",
+                why="LoRA dropout copies each adapter input (6 copies a layer); 0 makes it an identity"),
+        sft_job("+packing", [*SEED, "--lora_dropout", "0.0", "--packing", "true"], gelu="tanh",
+                why="padding-free rows of 256 (block-diagonal attention from position_ids): no pad tokens"),
+        sft_job("+no-ckpt", [*SEED, "--lora_dropout", "0.0", "--packing", "true", "--gradient_checkpointing", "false"],
+                gelu="tanh", why="no recomputed forward: a third fewer kernels and FLOPs, more memory"),
+        sft_job("+fused-adamw", [*FAST, "--gradient_checkpointing", "false"], gelu="tanh", profile=True,
+                why="one fused optimizer kernel instead of foreach lists"),
+        sft_job("b32 ckpt", [*FAST, "--per_device_train_batch_size", "32"], gelu="tanh",
+                why="twice the tokens a step amortise the per-step host cost; checkpointing keeps memory low"),
+        sft_job("b64 ckpt", [*FAST, "--per_device_train_batch_size", "64"], gelu="tanh",
+                why="four times the tokens a step, still checkpointed"),
+        sft_job("b32 no-ckpt", [*FAST, "--per_device_train_batch_size", "32", "--gradient_checkpointing", "false"],
+                gelu="tanh", why="memory free: a large step, no recompute"),
+        sft_job("bf16-base b16", [*FAST, "--gradient_checkpointing", "false", "--load_in_4bit", "false"],
+                gelu="tanh", why="16-bit base: no dequantisation (3 a linear layer a step), 5.6 GB of weights"),
+        sft_job("bf16-base b32", [*FAST, "--per_device_train_batch_size", "32", "--gradient_checkpointing", "false",
+                                  "--load_in_4bit", "false"], gelu="tanh", why="memory free, 16-bit base"),
+    ],
+    "run2": [
+        sft_job("trl-defaults 2", plain=True, why="again, more steps, no profiler"),
+        sft_job("g16 ckpt", grouped(16, True), gelu="tanh", profile=True,
+                why="lengths grouped: ~1.05 padded tokens a real one instead of ~1.4; dropout 0, fused AdamW"),
+        sft_job("g16 ckpt drop.05", grouped(16, True, "--lora_dropout", "0.05"), gelu="tanh",
+                why="the dropout's cost alone, with more steps than run 1"),
+        sft_job("g32 ckpt", grouped(32, True), gelu="tanh", why="twice the tokens a step"),
+        sft_job("g64 ckpt", grouped(64, True), gelu="tanh", why="four times the tokens a step"),
+        sft_job("g8 no-ckpt", grouped(8, False), gelu="tanh", why="no recompute, half the rows"),
+        sft_job("g16 no-ckpt", grouped(16, False), gelu="tanh", why="no recompute"),
+        sft_job("g16 no-ckpt d.05", grouped(16, False, "--lora_dropout", "0.05"), gelu="tanh",
+                why="what the dropout copies cost in memory without checkpointing"),
+        sft_job("g32 no-ckpt", grouped(32, False), gelu="tanh", why="memory free"),
+        sft_job("bf16 g32 no-ckpt", grouped(32, False, "--load_in_4bit", "false"), gelu="tanh",
+                why="memory free, 16-bit base: no dequantisation"),
+        sft_job("bf16 g16 ckpt", grouped(16, True, "--load_in_4bit", "false"), gelu="tanh",
+                why="16-bit base within a T4's memory"),
+        dict(name="rollout", kind="rollout", batch=32, new_tokens=128, repeats=2,
+             why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
+        dict(name="grpo-step", kind="grpo", steps=3, warmup=1, why="one GRPO step, T4 recipe through grpo_train.main"),
+    ],
+    # Run 3, memory free: the recipe as it stands, and cuDNN's attention switched off (run 2's
+    # profile: ~2 ms of host time per cuDNN attention call, and a new plan for each new length).
+    "run3": [
+        sft_job("recipe g8x2", [], gelu="tanh", why="recipes/sft_phi2_t4.yaml as it stands (gelu patch applied)"),
+        sft_job("recipe g8x2 -cudnn", [], gelu="tanh", no_cudnn=True, profile=True,
+                why="the same, sdpa without cuDNN (flash / memory-efficient kernels)"),
+        sft_job("g64 ckpt -cudnn", grouped(64, True), gelu="tanh", no_cudnn=True, why="best within 14 GiB in run 2"),
+        sft_job("g16 no-ckpt -cudnn", grouped(16, False), gelu="tanh", no_cudnn=True, why="effective batch 16, one step"),
+        sft_job("bf16 g32 no-ckpt -cudnn", grouped(32, False, "--load_in_4bit", "false"), gelu="tanh", no_cudnn=True,
+                why="best with memory free in run 2"),
+    ],
+    # The T4 recipes as they stand, in fp16 under the 15 GiB cap (run with --t4).
+    "t4": [
+        sft_job("t4 sft recipe", [], preview=True, steps=30, warmup=5, recipe_as_is=True, gelu="tanh",
+                why="recipes/sft_phi2_t4.yaml as it stands (gelu patch applied), fp16, 15 GiB cap"),
+        dict(name="t4 grpo recipe", kind="grpo", steps=30, warmup=1, why="recipes/grpo_phi2_t4.yaml, fp16, 15 GiB cap"),
+        sft_job("t4 sft recipe gelu_new", [], steps=4, warmup=2, why="the same without the gelu patch: fits?"),
+        sft_job("t4 sft seed", SEED, steps=12, warmup=3, why="the seed recipe's values, fp16, 15 GiB cap"),
+    ],
+}
+ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic data, seeded: oasst-like lengths, words from the bundled sample.
+# ---------------------------------------------------------------------------------------
+def sample_words() -> list[str]:
+    words = []
+    with open(SAMPLE, encoding="utf-8") as f:
+        for line in f:
+            words += re.findall(r"[A-Za-z']+|[.,?!]", json.loads(line)["text"])
+    return words
+
+
+def tokens_per_word(tokenizer, words, rng) -> float:
+    probe = [rng.choice(words) for _ in range(2000)]
+    return len(tokenizer(" ".join(probe), add_special_tokens=False)["input_ids"]) / len(probe)
+
+
+def synth_conversations(tokenizer, n: int, seed: int = 0, median: float = 190, sigma: float = 0.5) -> list[dict]:
+    """One user and one assistant turn, total tokens lognormal (median `median`); a quarter
+    of them in the question. Lengths over 256 are left long: the trainer truncates them."""
+    rng, words = random.Random(seed), sample_words()
+    ratio = tokens_per_word(tokenizer, words, rng)
+
+    def text(tokens):
+        return " ".join(rng.choice(words) for _ in range(max(1, round(tokens / ratio))))
+
+    rows = []
+    for _ in range(n):
+        total = rng.lognormvariate(math.log(median), sigma)
+        rows.append({"messages": [{"role": "user", "content": text(0.25 * total - 4)},
+                                  {"role": "assistant", "content": text(0.75 * total - 4)}]})
+    return rows
+
+
+def synth_prompts(n: int, seed: int = 1) -> list[dict]:
+    rng, words = random.Random(seed), sample_words()
+    limits = [None, 20, 50, 100]
+    return [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) + "?",
+             "word_limit": rng.choice(limits)} for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    from common import write_jsonl_atomic
+
+    write_jsonl_atomic(path, rows)
+    return path
+
+
+def model_variant(model_dir: Path, hidden_act: str) -> Path:
+    """The same weights with another activation in config.json (files linked, not copied)."""
+    if hidden_act == "gelu_new":
+        return model_dir
+    out = model_dir.parent / f"{model_dir.name}-{hidden_act}"
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    config["hidden_act"] = hidden_act
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, profile_out: Path | None = None):
+    """A TrainerCallback timing each optimizer step end to end (GPU synchronised), with the
+    tokens the Trainer counted in it. After the measured steps it can profile a few more."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self.last, self.profile = [], [], None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Real tokens, counted by the Trainer and summed over processes. (The flag can't be
+            # given on the command line: its parser reads it as a bool, i.e. "all".)
+            args.include_num_input_tokens_seen = "non_padding"
+            sync()
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            step = state.global_step
+            in_window = step > warmup and (measure is None or step <= warmup + measure)
+            if in_window and self.profile is None:
+                self.times.append(now - self.last[0])
+                self.tokens.append(seen - self.last[1])
+            if profile_steps and measure is not None and step == warmup + measure:
+                self.profile = start_profiler()
+            elif self.profile is not None and step == warmup + measure + profile_steps:
+                self.profile.stop()
+                try:
+                    write_profile(self.profile, profile_steps, profile_out)
+                except Exception as e:  # noqa: BLE001 - a profile is a bonus; keep the timings
+                    print(f"[bench] profile summary failed: {e!r}", flush=True)
+                self.profile = False
+            sync()
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    return StepTimer()
+
+
+def start_profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def write_profile(prof, steps: int, out: Path | None) -> dict:
+    """Kernels a step, GPU-busy time a step, and the top CPU and GPU entries."""
+    from torch.autograd import DeviceType
+
+    averages = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    summary = {
+        "steps": steps,
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "gpu_busy_ms_per_step": sum(device_us(e) for e in kernels) / steps / 1e3,
+        "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
+        "top_gpu": [(e.key[:90], e.count // steps, round(device_us(e) / steps / 1e3, 2))
+                    for e in sorted(kernels, key=device_us, reverse=True)[:15]],
+        "top_cpu": [(e.key[:90], e.count // steps, round(e.self_cpu_time_total / steps / 1e3, 2))
+                    for e in sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]],
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summarize(times: list[float], tokens: list[int] | None = None) -> dict:
+    if not times:
+        return {}
+    out = {"steps_timed": len(times), "step_s": statistics.median(times), "step_s_min": min(times),
+           "step_s_max": max(times), "times": [round(t, 4) for t in times], "tokens": tokens}
+    if tokens and sum(tokens):
+        per_step = [k / t for k, t in zip(tokens, times)]
+        out.update(tok_s=sum(tokens) / sum(times), tok_s_median=statistics.median(per_step),
+                   tok_s_min=min(per_step), tok_s_max=max(per_step), tokens_per_step=sum(tokens) / len(tokens))
+    return out
+
+
+def memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def finite_logs(log_history) -> dict:
+    values = [h[k] for h in log_history for k in ("loss", "grad_norm") if k in h]
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    return {"finite": all(math.isfinite(v) for v in values), "losses": losses}
+
+
+def activation_name(model) -> str:
+    for module in model.modules():
+        if hasattr(module, "activation_fn") and hasattr(module, "fc1"):
+            return type(module.activation_fn).__name__
+    return "?"
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs. Each returns a dict of figures; `ctx` holds the paths and the run's settings.
+# ---------------------------------------------------------------------------------------
+def dtype_name(ctx) -> str:
+    return "float16" if ctx["t4"] else ctx.get("dtype", "auto")
+
+
+def run_sft(job: dict, ctx: dict) -> dict:
+    steps, warmup = job.get("steps", ctx["steps"]), job.get("warmup", ctx["warmup"])
+    profile = ctx["profile_steps"] if job.get("profile") else 0
+    measure = steps
+    out_dir = Path(ctx["work"]) / slug(job["name"])
+    timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json")
+    total = warmup + measure + profile
+    model_dir = model_variant(Path(ctx["model_dir"]), "gelu_pytorch_tanh" if job["gelu"] == "tanh" else "gelu_new")
+    shutil.rmtree(out_dir, ignore_errors=True)  # no resume, no previews left from an earlier run
+    start = time.perf_counter()
+    if job["plain"]:
+        trainer = plain_trl_sft(model_dir, ctx, total, out_dir, timer)
+    else:
+        trainer = recipe_sft(model_dir, ctx, job, total, out_dir, timer)
+    result = {**summarize(timer.times, timer.tokens), **memory(), **finite_logs(trainer.state.log_history),
+              "wall_s": time.perf_counter() - start, "activation": activation_name(trainer.model),
+              "batch": trainer.args.per_device_train_batch_size, "grad_ckpt": trainer.args.gradient_checkpointing,
+              "packing": bool(getattr(trainer.args, "packing", False)), "processes": trainer.args.world_size}
+    if job.get("preview"):
+        result.update(preview_share(trainer, out_dir, result.get("step_s"), ctx["sft_recipe"]))
+    if profile and (Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").is_file():
+        prof = json.loads((Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").read_text())
+        result.update(kernels_per_step=prof["kernels_per_step"], gpu_busy_ms_per_step=prof["gpu_busy_ms_per_step"])
+    return result
+
+
+def plain_trl_sft(model_dir: Path, ctx: dict, steps: int, out_dir: Path, timer):
+    """SFTTrainer as its docs show it: defaults but for the length (256) and the 4-bit base."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from common import load_chat_tokenizer, pick_dtype, upcast_trainable_params
+
+    dtype = pick_dtype(dtype_name(ctx))
+    tokenizer = load_chat_tokenizer(str(model_dir))  # the same chat-rendered texts as the recipe
+    device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa", device_map={"": device},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=dtype))
+    rows = [json.loads(line) for line in open(ctx["train_file"], encoding="utf-8")]
+    config = dict(output_dir=str(out_dir), max_length=256, max_steps=steps, report_to="none", save_strategy="no",
+                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
+                  logging_steps=5)
+    args = SFTConfig(**{**config, **ctx.get("plain_overrides", {})})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                                                task_type="CAUSAL_LM"), callbacks=[timer])
+    if dtype == torch.float16:
+        upcast_trainable_params(trainer.model)  # plain TRL crashes in fp16 otherwise (STACK-NOTES 2)
+    trainer.train()
+    return trainer
+
+
+def recipe_sft(model_dir: Path, ctx: dict, job: dict, steps: int, out_dir: Path, timer):
+    """The project's path: `sft_qlora.main` with the recipe file and the job's overrides."""
+    import sft_qlora
+
+    argv = ["--model_name_or_path", str(model_dir), "--train_file", ctx["train_file"], "--output_dir", str(out_dir),
+            "--max_steps", str(steps), "--report_to", "none", "--dtype", dtype_name(ctx), "--max_train_examples", str(ctx["train_examples"]), "--resume", "false"]
+    if job.get("recipe_as_is"):  # everything else as the recipe says: evals, previews, checkpoints
+        argv += ["--eval_file", ctx["eval_file"]]
+    else:
+        argv += ["--eval_file", "", "--save_strategy", "no", "--logging_steps", "5",
+                 "--preview_steps", "100000" if job.get("preview") else "0"]
+    argv += job["args"] + ctx.get("recipe_overrides", [])  # the latter: a smaller scale, for the tests
+    return sft_qlora.main(*sft_qlora.parse_args(["--config", ctx["sft_recipe"], *argv]), callbacks=[timer])
+
+
+def preview_share(trainer, out_dir: Path, step_s: float | None, recipe: str) -> dict:
+    """Seconds a preview takes, and its share of training time at the recipe's cadence."""
+    from preview_callback import PreviewCallback
+
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, PreviewCallback)]
+    with open(out_dir / "previews.jsonl", encoding="utf-8") as f:
+        previews = len({json.loads(line)["step"] for line in f})
+    per_preview = callback.seconds / max(previews, 1)
+    every = recipe_value(recipe, "preview_steps")
+    share = per_preview / (per_preview + every * step_s) if step_s else None
+    return {"preview_s": per_preview, "previews": previews, "preview_every": every, "preview_share": share}
+
+
+def recipe_value(path: Path, key: str):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())[key]
+
+
+def run_rollout(job: dict, ctx: dict) -> dict:
+    """Plain `generate` as GRPOTrainer calls it: the adapter trainable, train mode with
+    dropout off, no gradient checkpointing, sampling; every sequence made to run the full
+    length (a random model rarely stops)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from common import format_prompt, load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+
+    job = {**job, **ctx.get("rollout_overrides", {})}
+    tokenizer = load_chat_tokenizer(ctx["adapter"])
+    model = load_base_model(ctx["model_dir"], tokenizer, pick_dtype(dtype_name(ctx)))
+    model = load_adapter(model, ctx["adapter"], trainable=True)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tokenizer.padding_side = "left"
+    prompts = [format_prompt(r["prompt"]) for r in synth_prompts(job["batch"])]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+
+    def generate(new_tokens):
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                  temperature=0.9, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, disable_compile=True)
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config)
+        sync()
+        return time.perf_counter() - start, out.shape[1] - enc["input_ids"].shape[1]
+
+    generate(4)  # warm-up
+    times, tokens = [], []
+    for _ in range(job["repeats"]):
+        seconds, new = generate(job["new_tokens"])
+        times.append(seconds)
+        tokens.append(new * job["batch"])
+    return {**summarize(times, tokens), **memory(), "batch": job["batch"], "new_tokens": job["new_tokens"],
+            "prompt_tokens": enc["input_ids"].shape[1]}
+
+
+def run_grpo(job: dict, ctx: dict) -> dict:
+    import grpo_train
+
+    timer = step_timer(job["warmup"], None)
+    argv = ["--config", ctx["grpo_recipe"], "--model_name_or_path", ctx["model_dir"], "--sft_adapter", ctx["adapter"],
+            "--prompts_file", ctx["prompts_file"], "--output_dir", str(Path(ctx["work"]) / slug(job["name"])),
+            "--max_steps", str(job.get("steps_override") or job["steps"]), "--report_to", "none",
+            "--save_strategy", "no", "--preview_steps", "0", "--dtype", dtype_name(ctx), "--resume", "false",
+            *ctx.get("grpo_overrides", [])]
+    start = time.perf_counter()
+    trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=[timer])
+    return {**summarize(timer.times), **memory(), **finite_logs(trainer.state.log_history),
+            "wall_s": time.perf_counter() - start, "steps": trainer.state.global_step,
+            "completions_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps}
+
+
+RUNNERS = {"sft": run_sft, "rollout": run_rollout, "grpo": run_grpo}
+MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120}  # a job needs about this much on an H100; skipped with less
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration: prepare once, one process per job, a table at the end.
+# ---------------------------------------------------------------------------------------
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def prepare(args) -> dict:
+    """The model (built if missing), the data files and a first SFT adapter for GRPO and rollouts."""
+    from common import load_chat_tokenizer
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        if args.tiny:
+            raise SystemExit(f"{model_dir}: no model there (the --tiny run needs an existing model)")
+        import make_phi2_shaped
+
+        make_phi2_shaped.build(model_dir)
+    tokenizer = load_chat_tokenizer(str(model_dir))
+    n = args.train_examples
+    ctx = {
+        "model_dir": str(model_dir), "work": str(work), "out": str(args.out), "t4": args.t4, "dtype": args.dtype,
+        "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "train_examples": n,
+        "train_file": str(write_jsonl(work / "train.jsonl", synth_conversations(tokenizer, n, seed=0))),
+        "eval_file": str(write_jsonl(work / "eval.jsonl", synth_conversations(tokenizer, 64, seed=2))),
+        "prompts_file": str(write_jsonl(work / "prompts.jsonl", synth_prompts(400))),
+        "sft_recipe": str(args.sft_recipe), "grpo_recipe": str(args.grpo_recipe),
+        "adapter": str(work / "adapter"),
+    }
+    ctx.update(json.loads(args.ctx_json) if args.ctx_json else {})
+    return ctx
+
+
+def ensure_adapter(ctx: dict) -> dict | None:
+    """GRPO and the rollouts start from an SFT adapter: two recipe steps make one."""
+    if (Path(ctx["adapter"]) / "adapter_config.json").is_file():
+        return None
+    job = sft_job("adapter", SEED, steps=1, warmup=1)
+    return dict(job, output_dir=ctx["adapter"])
+
+
+def run_job_here(job: dict, ctx: dict) -> dict:
+    """Run one job in this process (T4 cap first), catching its failure as a result."""
+    import torch
+
+    if job.get("no_cudnn") and torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if ctx["t4"] and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(local_rank()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, T4_GIB * 2**30 / total), local_rank())
+    start = time.perf_counter()
+    try:
+        if job.get("output_dir"):  # the adapter for GRPO: a short recipe run saved where asked
+            job = dict(job)
+            ctx = dict(ctx, work=str(Path(job["output_dir"]).parent))
+            result = run_sft(dict(job, name=Path(job["output_dir"]).name), ctx)
+        else:
+            result = RUNNERS[job["kind"]](job, ctx)
+        result["ok"] = True
+    except Exception as e:  # noqa: BLE001 - a failed job is a result (OOM included), the others go on
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}", **memory()}
+    result.update(name=job["name"], kind=job["kind"], why=job.get("why", ""), job_s=time.perf_counter() - start)
+    if torch.cuda.is_available():
+        result["device"] = torch.cuda.get_device_name(local_rank())
+    return result
+
+
+def run_job_isolated(job: dict, ctx: dict, timeout: float) -> dict:
+    """One job in a fresh Python process: a clean peak, and an OOM or crash loses only it."""
+    result_file = Path(ctx["work"]) / f"result_{slug(job['name'])}.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--_child", json.dumps({"job": job, "ctx": ctx, "result": str(result_file)})]
+    try:
+        subprocess.run(cmd, timeout=max(timeout, 1), check=False)
+    except subprocess.TimeoutExpired:
+        return {"name": job["name"], "kind": job["kind"], "ok": False, "error": f"timed out after {timeout:.0f} s"}
+    if not result_file.is_file():
+        return {"name": job["name"], "kind": job["kind"], "ok": False, "error": "the job's process died (see log)"}
+    return json.loads(result_file.read_text())
+
+
+def child_main(payload: str) -> None:
+    spec = json.loads(payload)
+    result = run_job_here(spec["job"], spec["ctx"])
+    from common import write_atomic
+
+    write_atomic(spec["result"], json.dumps(result))
+
+
+def table(results: list[dict]) -> str:
+    head = f"{'job':<18} {'tok/s':>8} {'(min-max)':>15} {'step s':>7} {'tok/step':>8} {'peak GiB':>8} " \
+           f"{'rsv GiB':>7}  notes"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if not r.get("ok"):
+            lines.append(f"{r['name']:<18} FAILED: {r.get('error', '')[:100]}")
+            continue
+        spread = f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}" if "tok_s_min" in r else ""
+        notes = []
+        if r["kind"] == "sft":
+            notes.append(f"b{r['batch']}{' ckpt' if r['grad_ckpt'] else ''}{' pack' if r['packing'] else ''} "
+                         f"{r['activation']}" + ("" if r.get("finite", True) else " NaN!"))
+        if r.get("preview_s") is not None:
+            notes.append(f"preview {r['preview_s']:.1f} s = {100 * (r['preview_share'] or 0):.1f}% "
+                         f"at every {r['preview_every']}")
+        if r.get("kernels_per_step"):
+            notes.append(f"{r['kernels_per_step']:.0f} kernels/step, GPU busy {r['gpu_busy_ms_per_step']:.0f} ms")
+        if r["kind"] == "grpo":
+            notes.append(f"{r.get('steps')} steps, {r.get('completions_per_step')} completions/step"
+                         + ("" if r.get("finite", True) else " NaN!"))
+        lines.append(f"{r['name']:<18} {r.get('tok_s', 0):>8.0f} {spread:>15} {r.get('step_s', 0):>7.2f} "
+                     f"{r.get('tokens_per_step', 0):>8.0f} {r.get('peak_alloc_gib', 0):>8.2f} "
+                     f"{r.get('peak_reserved_gib', 0):>7.2f}  {'; '.join(notes)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--jobs", default="run2", help="a set (run1, run2, t4) or job names, comma-separated")
+    p.add_argument("--model_dir", default="/tmp/phi2-shaped", help="built here if missing")
+    p.add_argument("--out", default=os.environ.get("OUT", "outputs/bench"), help="results.json and profiles")
+    p.add_argument("--work", default="/tmp/bench-work", help="data, adapters, run outputs")
+    p.add_argument("--t4", action="store_true", help=f"fp16 and at most {T4_GIB:.0f} GiB, as on a T4")
+    p.add_argument("--dtype", default="auto", help="compute dtype when not --t4 (auto: bf16 on Ampere+)")
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps a SFT job")
+    p.add_argument("--warmup", type=int, default=3, help="steps dropped before timing")
+    p.add_argument("--profile_steps", type=int, default=2, help="steps profiled after the timed ones (jobs that ask)")
+    p.add_argument("--train_examples", type=int, default=2500)
+    p.add_argument("--grpo_steps", type=int, default=None, help="override the GRPO jobs' step counts")
+    p.add_argument("--time_budget", type=float, default=560, help="seconds; jobs that would start later are skipped")
+    p.add_argument("--sft_recipe", default=str(ROOT / "recipes" / "sft_phi2_t4.yaml"))
+    p.add_argument("--grpo_recipe", default=str(ROOT / "recipes" / "grpo_phi2_t4.yaml"))
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on an existing tiny model")
+    p.add_argument("--ctx_json", default=None, help=argparse.SUPPRESS)  # extra settings, for the tests
+    p.add_argument("--list", action="store_true", help="list the jobs and exit")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def select_jobs(spec: str) -> list[dict]:
+    jobs = []
+    for name in spec.split(","):
+        name = name.strip()
+        if name in JOBS:
+            jobs += JOBS[name]
+        elif name in ALL_JOBS:
+            jobs.append(ALL_JOBS[name])
+        else:
+            raise SystemExit(f"unknown job {name!r}; --list shows them")
+    return jobs
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args._child:
+        return child_main(args._child)
+    if args.list:
+        for group, jobs in JOBS.items():
+            print(f"[{group}]")
+            for j in jobs:
+                print(f"  {j['name']:<18} {j.get('why', '')}")
+        return []
+    jobs = select_jobs(args.jobs)
+    started = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    distributed = world_size() > 1
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState()
+        with state.main_process_first():
+            ctx = prepare(args)
+    else:
+        ctx = prepare(args)
+    print(f"[bench] prepared in {time.perf_counter() - started:.0f} s: {ctx['model_dir']}, {len(jobs)} jobs", flush=True)
+
+    needs_adapter = any(j["kind"] in ("rollout", "grpo") for j in jobs)
+    adapter_job = ensure_adapter(ctx) if needs_adapter and not distributed else None
+    results = []
+    for job in ([adapter_job] if adapter_job else []) + jobs:
+        if job["kind"] == "grpo" and args.grpo_steps:
+            job = dict(job, steps_override=args.grpo_steps)
+        left = args.time_budget - (time.perf_counter() - started)
+        if left < MIN_SECONDS[job["kind"]]:
+            results.append({"name": job["name"], "kind": job["kind"], "ok": False, "error": "skipped: time budget"})
+            continue
+        print(f"[bench] {job['name']}: {job.get('why', '')}", flush=True)
+        result = run_job_here(job, ctx) if distributed else run_job_isolated(job, ctx, left)
+        if job is adapter_job:
+            if not result.get("ok"):
+                print(f"[bench] no adapter: {result.get('error')}", flush=True)
+            continue
+        results.append(result)
+        if not distributed or int(os.environ.get("RANK", 0)) == 0:
+            from common import write_atomic
+
+            write_atomic(Path(args.out) / "results.json", json.dumps(
+                {"args": vars(args), "elapsed_s": time.perf_counter() - started, "results": results}, indent=1))
+            print(f"[bench] {job['name']}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                                           for k, v in result.items() if k != "losses"}), flush=True)
+    if not distributed or int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n[bench] {'T4 mode: fp16, ' + str(T4_GIB) + ' GiB cap' if args.t4 else 'memory free'}; "
+              f"{time.perf_counter() - started:.0f} s in all\n" + table(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

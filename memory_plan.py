@@ -1,0 +1,227 @@
+"""Will this recipe fit? Peak GPU memory of an SFT or GRPO recipe, estimated before anything
+is loaded, and with `--auto` the micro-batch, accumulation and checkpointing that fit while
+keeping the effective batch.
+
+    python memory_plan.py                                        # recipes/sft_phi2_t4.yaml on a T4
+    python memory_plan.py --config recipes/grpo_phi2_t4.yaml
+    python memory_plan.py --per_device_train_batch_size 16       # any recipe field, over the recipe
+    python memory_plan.py --auto --gpu_gib 80 --gpu h100         # fastest plan that fits an H100
+    python memory_plan.py --hidden_act gelu_new                  # Phi-2's own activation (no gelu patch)
+
+The estimate is the peak of `torch.cuda.max_memory_allocated()`: the weights (NF4 or 16-bit),
+the adapter with its AdamW state, and the activations of the longest micro-batch, whose bytes
+a token were measured on a Phi-2-shaped model (benchmarks/bench_gpu.py; PERFORMANCE.md lists
+each measured peak beside its estimate). A GPU needs room beyond that for the CUDA context
+and the allocator's slack: a plan fits when `1.1 x peak + 0.5 GiB` is within `--gpu_gib`.
+Importable: `estimate(recipe_dict)`, `auto_plan(recipe_dict, gpu_gib, gpu)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from common import InputError, exit_on_input_error
+
+GIB = 2**30
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
+# microsoft/phi-2's shape, used when the model is not a local directory (nothing is downloaded).
+PHI2 = {"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32}
+
+# Activation bytes a token of a micro-batch (whole model, both dtypes of AMP), fitted to the
+# peaks benchmarks/bench_gpu.py measured on an H100 (bf16) with Phi-2's shape, MLP activation
+# computed by one fused kernel, LoRA dropout 0. Keys: (16-bit base, gradient checkpointing).
+ACT_BYTES = {(False, True): 4.585e-4 * GIB, (False, False): 3.828e-3 * GIB,
+             (True, True): 3.35e-4 * GIB, (True, False): 3.19e-3 * GIB}
+# Phi-2's own Python gelu_new keeps ~7 intermediate tensors of the MLP width a token
+# (without checkpointing from the issue's plain-TRL peak, 34.5 GiB at 16 x 256).
+GELU_NEW_BYTES = {True: 5.74e-5 * GIB, False: 3.4e-3 * GIB}
+# LoRA dropout > 0 keeps a dropped copy of each adapter's input: only without checkpointing
+# does that outlive one layer.
+DROPOUT_BYTES = {True: 0.0, False: 6.87e-4 * GIB}
+# A GPU needs this beyond the allocated peak: CUDA context, cuBLAS workspaces, allocator slack.
+SLACK_FACTOR, CONTEXT_GIB = 1.1, 0.5
+# Time a micro-step (seconds): fixed host cost + cost a token, (no checkpointing, checkpointing).
+# h100: fitted to bench_gpu.py's run 2; t4: not measured, the arithmetic of a T4 (~25 TFLOP/s
+# reached in fp16) makes the per-token term dominate and the host term small.
+SPEED = {"h100": {False: (0.25, 42e-6), True: (0.40, 56e-6)},
+         "t4": {False: (0.05, 650e-6), True: (0.08, 870e-6)}}
+
+
+@dataclass
+class Estimate:
+    peak_gib: float
+    parts: dict
+    fits: bool
+    need_gib: float
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items())
+        return f"peak {self.peak_gib:.2f} GiB ({parts}); needs {self.need_gib:.1f} GiB"
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe not found")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(recipe, dict):
+        raise InputError(f"{path}: a recipe is a mapping of field: value")
+    return {**recipe, **(overrides or {})}
+
+
+def model_shape(recipe: dict) -> dict:
+    config = Path(str(recipe.get("model_name_or_path", ""))) / "config.json"
+    if config.is_file():
+        loaded = json.loads(config.read_text())
+        return {k: loaded[k] for k in PHI2}
+    return dict(PHI2)
+
+
+def number(recipe: dict, key: str, default, kind=int):
+    value = recipe.get(key, default)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"recipe field {key}: expected a number, got {value!r}") from None
+    if value <= 0 and kind is int:
+        raise InputError(f"recipe field {key}: must be positive, got {value}")
+    return value
+
+
+def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
+    """(weights, adapter + optimizer) in bytes."""
+    h, m, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    linear = layers * (4 * h * h + 2 * h * m)  # q, k, v, dense, fc1, fc2
+    other = 2 * vocab * h + layers * (8 * h + m)  # embedding, lm_head, norms and biases
+    if recipe.get("load_in_4bit", True):
+        absmax = 1 / 64 + 4 / (64 * 256) if recipe.get("use_bnb_nested_quant", True) else 4 / 64
+        weights = linear * (0.5 + absmax) + other * 2
+    else:
+        weights = (linear + other) * 2
+    r = number(recipe, "lora_r", 16)
+    sizes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "dense": (h, h), "fc1": (h, m), "fc2": (m, h)}
+    targets = recipe.get("lora_target_modules") or list(sizes)
+    unknown = [t for t in targets if t not in sizes]
+    if unknown:
+        raise InputError(f"recipe field lora_target_modules: unknown modules {unknown}; Phi-2 has {list(sizes)}")
+    lora = layers * sum(r * (sizes[t][0] + sizes[t][1]) for t in targets)
+    adapter = lora * 16  # fp32 weights, gradients and two AdamW moments
+    adapter += vocab * h * 4  # the fused LM head's fp32 gradient of lm_head (the END row trains)
+    return weights, adapter
+
+
+def act_bytes_per_token(recipe: dict, checkpointing: bool) -> float:
+    sixteen = not recipe.get("load_in_4bit", True)
+    per_token = ACT_BYTES[(sixteen, checkpointing)]
+    if recipe.get("hidden_act", "gelu_pytorch_tanh") == "gelu_new":
+        per_token += GELU_NEW_BYTES[checkpointing]
+    if float(recipe.get("lora_dropout", 0.05)) > 0:
+        per_token += DROPOUT_BYTES[checkpointing]
+    return per_token
+
+
+def is_grpo(recipe: dict) -> bool:
+    return "num_generations" in recipe or "max_completion_length" in recipe
+
+
+def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
+    """Peak allocated GPU memory of one process running `recipe`."""
+    shape = model_shape(recipe)
+    weights, adapter = weight_bytes(shape, recipe)
+    micro = number(recipe, "per_device_train_batch_size", 8)
+    checkpointing = bool(recipe.get("gradient_checkpointing", True))
+    parts = {"weights": weights, "adapter+optimizer": adapter}
+    if is_grpo(recipe):
+        prompt = number(recipe, "prompt_tokens", number(recipe, "max_prompt_tokens", 192))
+        completion = number(recipe, "max_completion_length", 256)
+        generation_batch = micro * number(recipe, "gradient_accumulation_steps", 1)
+        layers, h, vocab = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
+        # A second, frozen copy of the adapter (the KL reference), fp32 weights only.
+        parts["adapter+optimizer"] += (adapter - vocab * h * 4) / 4
+        kv_cache = generation_batch * (prompt + completion) * layers * 2 * h * 2
+        sampling = generation_batch * vocab * 4 * 4  # fp32 logits, softmax and sampling buffers a token
+        training = micro * (prompt + completion) * act_bytes_per_token(recipe, checkpointing)
+        training += micro * completion * vocab * 4 * 2  # logits of the completions for the log-probs
+        parts["activations"] = max(kv_cache + sampling, training)
+    else:
+        length = number(recipe, "max_length", 1024)
+        parts["activations"] = micro * length * act_bytes_per_token(recipe, checkpointing)
+    peak = sum(parts.values()) / GIB
+    need = SLACK_FACTOR * peak + CONTEXT_GIB
+    return Estimate(peak, {k: v / GIB for k, v in parts.items()}, need <= gpu_gib, need)
+
+
+def step_seconds(recipe: dict, micro: int, accumulation: int, checkpointing: bool, gpu: str) -> float:
+    fixed, per_token = SPEED[gpu][checkpointing]
+    tokens = micro * number(recipe, "max_length", 1024) if not is_grpo(recipe) else micro * (
+        number(recipe, "max_prompt_tokens", 192) + number(recipe, "max_completion_length", 256))
+    return accumulation * (fixed + per_token * tokens)
+
+
+def auto_plan(recipe: dict, gpu_gib: float = 15.0, gpu: str = "t4") -> tuple[dict, Estimate]:
+    """The fastest (estimated) micro-batch, accumulation and checkpointing that fit, with
+    micro-batch x accumulation equal to the recipe's effective batch."""
+    if gpu not in SPEED:
+        raise InputError(f"--gpu must be one of {sorted(SPEED)}, got {gpu!r}")
+    effective = number(recipe, "per_device_train_batch_size", 8) * number(recipe, "gradient_accumulation_steps", 1)
+    if is_grpo(recipe):
+        generations = number(recipe, "num_generations", 8)
+        micros = [m for m in range(1, effective + 1) if effective % m == 0 and m % generations == 0]
+    else:
+        micros = [m for m in range(1, effective + 1) if effective % m == 0]
+    plans = []
+    for micro in micros:
+        for checkpointing in (False, True):
+            plan = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro,
+                    "gradient_checkpointing": checkpointing}
+            est = estimate({**recipe, **plan}, gpu_gib)
+            if est.fits:
+                seconds = step_seconds(recipe, micro, effective // micro, checkpointing, gpu)
+                plans.append((seconds, -micro, plan, est))
+    if not plans:
+        smallest = estimate({**recipe, "per_device_train_batch_size": min(micros), "gradient_checkpointing": True},
+                            gpu_gib)
+        raise InputError(f"nothing fits {gpu_gib:g} GiB at effective batch {effective}: even "
+                         f"micro-batch {min(micros)} with checkpointing {smallest.line()}. Lower max_length "
+                         "(or max_completion_length), or use a larger GPU")
+    _, _, plan, est = min(plans, key=lambda p: (p[0], p[1]))
+    return plan, est
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--key value` pairs from the command line, values read as YAML (numbers, booleans)."""
+    if len(pairs) % 2 or any(not k.startswith("--") for k in pairs[::2]):
+        raise InputError(f"overrides come as --field value pairs, got: {' '.join(pairs)}")
+    return {k[2:]: yaml.safe_load(v) for k, v in zip(pairs[::2], pairs[1::2])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="the recipe (YAML)")
+    parser.add_argument("--gpu_gib", type=float, default=15.0, help="GPU memory (a T4 shows 15 GiB)")
+    parser.add_argument("--gpu", default="t4", choices=sorted(SPEED), help="speed model for --auto")
+    parser.add_argument("--auto", action="store_true", help="pick micro-batch, accumulation and checkpointing")
+    args, rest = parser.parse_known_args(argv)
+    recipe = load_recipe(args.config, parse_overrides(rest))
+    est = estimate(recipe, args.gpu_gib)
+    print(f"{args.config}: micro-batch {recipe.get('per_device_train_batch_size')}, accumulation "
+          f"{recipe.get('gradient_accumulation_steps', 1)}, checkpointing {recipe.get('gradient_checkpointing')}: "
+          f"{est.line()} -> {'fits' if est.fits else 'does NOT fit'} {args.gpu_gib:g} GiB")
+    if args.auto:
+        plan, best = auto_plan(recipe, args.gpu_gib, args.gpu)
+        flags = " ".join(f"--{k} {str(v).lower()}" for k, v in plan.items())
+        print(f"auto ({args.gpu}, {args.gpu_gib:g} GiB): {flags}  # {best.line()}")
+    return 0 if est.fits or args.auto else 1
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_input_error(main))

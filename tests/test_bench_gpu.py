@@ -1,0 +1,96 @@
+"""benchmarks/bench_gpu.py's code paths on the CPU with the tiny model, at a tiny scale:
+the synthetic data, each kind of job (plain TRL, the recipe through sft_qlora, packing,
+previews, rollouts, GRPO, the profiler), the child-process runner and the table."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import sys
+
+import pytest
+
+from common import format_chat, load_chat_tokenizer
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_gpu as bench  # noqa: E402
+
+TINY = {  # the T4 recipes, scaled down so that a CPU runs each job in seconds
+    "recipe_overrides": ["--per_device_train_batch_size", "2", "--max_length", "64", "--preview_max_new_tokens", "4"],
+    "plain_overrides": {"per_device_train_batch_size": 2, "max_length": 64},
+    "grpo_overrides": ["--max_completion_length", "6", "--per_device_train_batch_size", "4",
+                       "--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_prompt_tokens", "64"],
+    "rollout_overrides": {"batch": 3, "new_tokens": 5, "repeats": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    shutil.copytree(tiny_model_dir, root / "model")  # gelu variants are made beside it
+    args = bench.parse_args(["--tiny", "--model_dir", str(root / "model"), "--work", str(root / "work"),
+                             "--out", str(root / "out"), "--steps", "2", "--warmup", "1", "--profile_steps", "1",
+                             "--train_examples", "60"])
+    ctx = {**bench.prepare(args), **TINY}
+    adapter = bench.run_job_here(bench.ensure_adapter(ctx), ctx)
+    assert adapter["ok"], adapter
+    return ctx
+
+
+def test_synthetic_lengths_are_seeded_and_oasst_like(tiny_model_dir):
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    rows = bench.synth_conversations(tokenizer, 300, seed=0)
+    assert rows == bench.synth_conversations(tokenizer, 300, seed=0)
+    assert rows != bench.synth_conversations(tokenizer, 300, seed=1)
+    lengths = [len(tokenizer(format_chat(r["messages"]), add_special_tokens=False)["input_ids"]) for r in rows]
+    assert 160 < statistics.median(lengths) < 220  # median ~190 tokens
+    assert 0.1 < sum(n > 256 for n in lengths) / len(lengths) < 0.35  # a lognormal tail that the cut at 256 trims
+
+
+def test_sft_jobs_count_real_tokens(ctx):
+    plain = bench.run_job_here(bench.ALL_JOBS["trl-defaults"], ctx)
+    padded = bench.run_job_here(bench.ALL_JOBS["recipe-seed"], ctx)
+    packed = bench.run_job_here(bench.ALL_JOBS["+packing"], ctx)
+    for r in (plain, padded, packed):
+        assert r["ok"] and r["finite"] and r["steps_timed"] == 2, r
+        assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+        assert math.isclose(r["tok_s"], r["tokens_per_step"] / statistics.mean([r["step_s_min"], r["step_s_max"]]),
+                            rel_tol=0.5)
+    # Two rows of at most 64 tokens a step: padded rows count only their real tokens, packed rows are fuller.
+    assert 0 < padded["tokens_per_step"] < 2 * 64 and padded["batch"] == 2
+    assert packed["packing"] and padded["tokens_per_step"] < packed["tokens_per_step"] <= 2 * 64
+    assert plain["activation"] == "NewGELUActivation" and packed["activation"] == "GELUTanh"
+    assert (plain["kernels_per_step"] if "kernels_per_step" in plain else 0) == 0  # the CPU has no kernels to count
+    assert (bench.Path(ctx["out"]) / "profile_trl-defaults.json").is_file()
+    # Previews: one at the start, one at the end; their share at the recipe's cadence.
+    assert padded["previews"] == 2 and padded["preview_every"] == 100
+    expected = padded["preview_s"] / (padded["preview_s"] + 100 * padded["step_s"])
+    assert math.isclose(padded["preview_share"], expected)
+
+
+def test_grpo_step_and_rollout_jobs(ctx):
+    grpo = bench.run_job_here(dict(bench.ALL_JOBS["grpo-step"], steps=2, warmup=1), ctx)
+    assert grpo["ok"] and grpo["steps"] == 2 and grpo["steps_timed"] == 1 and grpo["finite"], grpo
+    assert grpo["completions_per_step"] == 4
+    # The rollout in its own process, as the benchmark runs every job.
+    rollout = bench.run_job_isolated(bench.ALL_JOBS["rollout"], ctx, timeout=300)
+    assert rollout["ok"], rollout
+    assert rollout["tokens_per_step"] == 3 * 5 and rollout["steps_timed"] == 2  # every sequence ran the full length
+
+
+def test_table_shows_failures_and_figures():
+    rows = [{"name": "a", "kind": "sft", "ok": True, "tok_s": 1234.0, "tok_s_min": 1000.0, "tok_s_max": 1500.0,
+             "step_s": 0.5, "tokens_per_step": 617, "peak_alloc_gib": 3.25, "peak_reserved_gib": 4.0, "batch": 8,
+             "grad_ckpt": True, "packing": False, "activation": "GELUTanh", "finite": False},
+            {"name": "b", "kind": "grpo", "ok": False, "error": "OutOfMemoryError: boom"}]
+    text = bench.table(rows)
+    assert "1234" in text and "1000-1500" in text and "3.25" in text and "NaN!" in text
+    assert "FAILED: OutOfMemoryError: boom" in text
+
+
+def test_unknown_job_is_refused():
+    with pytest.raises(SystemExit, match="unknown job"):
+        bench.select_jobs("h100,nope")
+    assert [j["name"] for j in bench.select_jobs("rollout,grpo-step")] == ["rollout", "grpo-step"]

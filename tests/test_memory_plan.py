@@ -1,0 +1,110 @@
+"""memory_plan.py: the arithmetic's properties, `--auto`, bad recipes, and the estimate
+against every peak the GPU benchmark measured (benchmarks/measured_peaks.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import memory_plan as mp
+from common import InputError
+from conftest import ROOT
+
+SFT = mp.load_recipe(ROOT / "recipes" / "sft_phi2_t4.yaml")
+GRPO = mp.load_recipe(ROOT / "recipes" / "grpo_phi2_t4.yaml")
+
+
+def peak(recipe, **changes):
+    return mp.estimate({**recipe, **changes}).peak_gib
+
+
+@pytest.mark.parametrize("recipe", [SFT, GRPO], ids=["sft", "grpo"])
+def test_peak_grows_with_batch_and_length(recipe):
+    length = "max_completion_length" if mp.is_grpo(recipe) else "max_length"
+    for ckpt in (True, False):
+        batches = [peak(recipe, per_device_train_batch_size=b, gradient_checkpointing=ckpt) for b in (4, 8, 16, 32)]
+        assert batches == sorted(batches) and batches[0] < batches[-1]
+        lengths = [peak(recipe, **{length: n, "gradient_checkpointing": ckpt}) for n in (64, 128, 256, 512)]
+        assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert peak(recipe, gradient_checkpointing=True) < peak(recipe, gradient_checkpointing=False)
+    assert peak(recipe, load_in_4bit=True) < peak(recipe, load_in_4bit=False)
+    assert peak(recipe, lora_r=8) < peak(recipe, lora_r=64)
+
+
+def test_what_the_measurements_said():
+    # Without checkpointing, gelu_new's saved tensors and LoRA dropout's copies cost memory;
+    # with it they live for one layer only.
+    assert peak(SFT, hidden_act="gelu_new") > peak(SFT) + 5
+    assert peak(SFT, lora_dropout=0.0) < peak(SFT)
+    ckpt = {"gradient_checkpointing": True}
+    assert peak(SFT, lora_dropout=0.0, **ckpt) == peak(SFT, **ckpt)
+    # The accumulation steps do not change a micro-batch's memory.
+    assert peak(SFT, gradient_accumulation_steps=8) == peak(SFT, gradient_accumulation_steps=1)
+
+
+def test_the_t4_recipes_fit_a_t4_and_not_half_of_one():
+    assert mp.estimate(SFT, 15).fits and mp.estimate(GRPO, 15).fits
+    assert not mp.estimate(SFT, 8).fits
+    assert not mp.estimate({**SFT, "per_device_train_batch_size": 32}, 15).fits
+
+
+@pytest.mark.parametrize("gpu_gib,gpu", [(15, "t4"), (8, "t4"), (24, "h100"), (80, "h100")])
+@pytest.mark.parametrize("recipe", [SFT, GRPO], ids=["sft", "grpo"])
+def test_auto_fits_and_keeps_the_effective_batch(recipe, gpu_gib, gpu):
+    effective = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    plan, est = mp.auto_plan(recipe, gpu_gib, gpu)
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == effective
+    assert est.fits and est.need_gib <= gpu_gib
+    assert mp.estimate({**recipe, **plan}, gpu_gib).peak_gib == est.peak_gib
+    if mp.is_grpo(recipe):
+        assert plan["per_device_train_batch_size"] % recipe["num_generations"] == 0
+
+
+def test_auto_prefers_more_tokens_a_step_on_a_larger_gpu():
+    small, _ = mp.auto_plan(SFT, 15, "h100")
+    large, _ = mp.auto_plan(SFT, 80, "h100")
+    assert large["per_device_train_batch_size"] >= small["per_device_train_batch_size"]
+    assert not large["gradient_checkpointing"]
+
+
+def test_nothing_fits_is_a_clear_error():
+    with pytest.raises(InputError, match="nothing fits 2 GiB at effective batch 16"):
+        mp.auto_plan(SFT, 2, "t4")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"per_device_train_batch_size": "many"}, "per_device_train_batch_size: expected a number"),
+    ({"max_length": 0}, "max_length: must be positive"),
+    ({"lora_target_modules": ["q_proj", "o_proj"]}, r"unknown modules \['o_proj'\]"),
+])
+def test_bad_recipe_fields_are_named(change, message):
+    with pytest.raises(InputError, match=message):
+        mp.estimate({**SFT, **change})
+
+
+def test_bad_files_and_flags(tmp_path, capsys):
+    with pytest.raises(InputError, match="recipe not found"):
+        mp.load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(InputError, match="a mapping"):
+        mp.load_recipe(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        mp.load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="--field value pairs"):
+        mp.main(["--lora_r"])
+    assert mp.main(["--auto", "--gpu_gib", "80", "--gpu", "h100"]) == 0
+    assert "auto (h100, 80 GiB): --per_device_train_batch_size" in capsys.readouterr().out
+    assert mp.main(["--per_device_train_batch_size", "64"]) == 1  # does not fit a T4: non-zero status
+
+
+def test_estimates_within_15_percent_of_every_measured_peak():
+    """Every peak that benchmarks/bench_gpu.py measured (H100, Phi-2 shape), against the
+    estimate for the same settings: within 15%."""
+    records = json.loads((ROOT / "benchmarks" / "measured_peaks.json").read_text())["peaks"]
+    assert len(records) >= 10
+    base = {"sft": SFT, "grpo": GRPO}
+    for r in records:
+        est = mp.estimate({**base[r["recipe"]], **r["settings"]}).peak_gib
+        assert abs(est - r["peak_alloc_gib"]) <= 0.15 * r["peak_alloc_gib"], (r["job"], est, r["peak_alloc_gib"])
