@@ -34,7 +34,8 @@ import torch
 from transformers import HfArgumentParser
 
 import rewards
-from common import CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from common import (CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer,
+                    pick_dtype)
 from data_prep import WORD_LIMIT_TEMPLATES
 from preview_callback import DEFAULT_PROMPTS, generate_answers
 
@@ -43,6 +44,7 @@ DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
 # The phrasing GRPO was rewarded for obeying (data_prep.py's first template; rewards.py parses it).
 LIMIT_INSTRUCTION = WORD_LIMIT_TEMPLATES[0]  # "Answer in under {n} words."
 MAX_WORD_LIMIT = 1000
+WEIGHTS = ("auto", "nf4", "dequantized", "full")  # see weights_for
 
 
 @dataclass
@@ -56,10 +58,12 @@ class AppArguments:
         "help": "merged model folders (export_model.py), shown instead of adapters"})
     show_base: bool = field(default=True, metadata={"help": "show the base model's answer too"})
     dtype: str = field(default="auto", metadata={"help": "auto: fp16 on a T4, bf16 on Ampere+, fp32 on the CPU"})
-    load_in_4bit: bool | None = field(default=None, metadata={
-        # Measured on 2 CPU cores, one Phi-2 MLP matmul (2560 x 10240) for one token: 12.5 ms
-        # in fp32, 193 ms in bitsandbytes NF4. On a T4, 4-bit holds Phi-2 in about 2 GB.
-        "help": "default: 4-bit NF4 on CUDA, full precision on the CPU (4-bit is ~15x slower there)"})
+    weights: str = field(default="auto", metadata={
+        "choices": list(WEIGHTS),
+        "help": "nf4: 4-bit NF4, as training loads the base; dequantized: loaded in NF4, then unpacked to "
+                "--dtype (the very values the adapters were trained on, at full-precision speed); full: the "
+                "weights as stored. auto: nf4 on CUDA; on the CPU dequantized for the base, full for merged "
+                "exports (NF4 matmuls are ~15x slower there)"})
     max_new_tokens: int = field(default=128, metadata={"help": "the page's starting value"})
     max_new_tokens_cap: int = field(default=512, metadata={"help": "the most the page may ask for"})
     max_prompt_chars: int = field(default=2000, metadata={"help": "longer prompts are refused by the server"})
@@ -122,7 +126,29 @@ def adapter_folders(args: AppArguments) -> dict[str, str]:
     return found
 
 
-def load_merged(folder: str, dtype, load_in_4bit: bool):
+def weights_for(args: AppArguments, merged: bool) -> str:
+    """How to load a model's weights. The adapters were trained on the NF4 base and correct
+    that model, quantisation error included, so by default the base is read through NF4; a
+    merged export (export_model.py) already holds those values. On the CPU, NF4 matmuls are slow (one Phi-2
+    MLP matmul for one token, 2 cores: 12.5 ms in fp32, 193 ms in NF4), so the values are
+    unpacked to full precision there; on CUDA they stay packed (Phi-2 in about 2 GB)."""
+    if args.weights not in WEIGHTS:
+        raise InputError(f"--weights {args.weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if args.weights != "auto":
+        return args.weights
+    if torch.cuda.is_available():
+        return "nf4"
+    return "full" if merged else "dequantized"
+
+
+def load_base(args: AppArguments, tokenizer, dtype, weights: str):
+    model = load_base_model(args.base, tokenizer, dtype, load_in_4bit=weights != "full")
+    if weights == "dequantized":
+        model = model.dequantize(dtype=dtype)  # Linear4bit -> nn.Linear holding the NF4 values
+    return model.eval()
+
+
+def load_merged(folder: str, dtype, weights: str):
     """A merged export: a plain transformers model folder whose tokenizer has the chat tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -134,11 +160,15 @@ def load_merged(folder: str, dtype, load_in_4bit: bool):
         raise InputError(f"--merged {folder}: the tokenizer there lacks the chat tokens {missing}; "
                          "export the model with export_model.py")
     tokenizer = load_chat_tokenizer(folder)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
+    quantization = None
+    if weights != "full":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, quantization_config=quantization, use_safetensors=True, attn_implementation="sdpa",
         device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    if weights == "dequantized":
+        model = model.dequantize(dtype=dtype)
     return model.eval(), tokenizer
 
 
@@ -146,31 +176,39 @@ def load_columns(args: AppArguments) -> list[Column]:
     """Every model the page shows, loaded. Paths are checked before anything loads."""
     adapters = adapter_folders(args)
     dtype = pick_dtype(args.dtype)
-    in_4bit = torch.cuda.is_available() if args.load_in_4bit is None else args.load_in_4bit
+    base_weights, merged_weights = weights_for(args, merged=False), weights_for(args, merged=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"[app] on {device}, {str(dtype).split('.')[-1]}{', 4-bit NF4' if in_4bit else ''}")
+    print(f"[app] on {device}, {str(dtype).split('.')[-1]}; weights: base {base_weights}"
+          + (f", merged {merged_weights}" if args.merged else ""))
     columns = []
     if adapters or args.show_base:
         tokenizer = load_chat_tokenizer(args.base)  # as training built it: the same chat-token ids
-        base = load_base_model(args.base, tokenizer, dtype, load_in_4bit=in_4bit).eval()
+        base = load_base(args, tokenizer, dtype, base_weights)
         if adapters:
             for name, folder in adapters.items():
-                trained_on = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                config = json.loads((Path(folder) / "adapter_config.json").read_text())
+                trained_on = config.get("base_model_name_or_path")
                 if trained_on and trained_on != args.base:
                     print(f"[app] note: {folder} was trained on {trained_on}, loaded here on {args.base}")
                 base = load_adapter(base, folder, adapter_name=name).eval()
             lock = threading.Lock()
             if args.show_base:
-                columns.append(Column("base", f"Base: {args.base}", base, tokenizer, BASE, lock))
-            columns += [Column(name, f"{name.upper()}: {folder}", base, tokenizer, name, lock)
+                columns.append(Column("base", f"Base · {short(args.base)}", base, tokenizer, BASE, lock))
+            columns += [Column(name, f"{name.upper()} · {short(folder)}", base, tokenizer, name, lock)
                         for name, folder in adapters.items()]
         else:
-            columns.append(Column("base", f"Base: {args.base}", base, tokenizer))
+            columns.append(Column("base", f"Base · {short(args.base)}", base, tokenizer))
     for i, folder in enumerate(args.merged):
-        model, tokenizer = load_merged(folder, dtype, in_4bit)
-        columns.append(Column(f"merged{i}", f"Merged: {folder}", model, tokenizer))
+        model, tokenizer = load_merged(folder, dtype, merged_weights)
+        columns.append(Column(f"merged{i}", f"Merged · {short(folder)}", model, tokenizer))
     print("[app] columns: " + ", ".join(c.label for c in columns))
     return columns
+
+
+def short(name: str) -> str:
+    """A local folder by its own name (outputs/x/phi2-oasst1-qlora -> phi2-oasst1-qlora); a
+    hub model by its full id."""
+    return Path(name).name if Path(name).exists() else name
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,8 +216,9 @@ def load_columns(args: AppArguments) -> list[Column]:
 # ---------------------------------------------------------------------------------------
 def full_prompt(prompt, word_limit, max_new_tokens, args: AppArguments) -> tuple[str, int]:
     """The prompt as the models get it, with the word limit appended in the phrasing GRPO
-    learned; and the number of new tokens. The server checks everything: the page's own
-    limits (Textbox max_length, the slider's range) are checked only in the browser."""
+    learned; and the number of new tokens. The Textbox's max_length is checked only in the
+    browser, so the length is checked here; Gradio checks the Number and Slider ranges on
+    the server, and they are checked here again for callers that bypass Gradio."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("Type a prompt first.")
     prompt = prompt.strip()
@@ -194,7 +233,9 @@ def full_prompt(prompt, word_limit, max_new_tokens, args: AppArguments) -> tuple
     limit = _whole_number(word_limit)
     if limit is None or not 1 <= limit <= MAX_WORD_LIMIT:
         raise InputError(f"The word limit must be a whole number from 1 to {MAX_WORD_LIMIT}, or empty for none.")
-    sep = "\n\n" if "\n" in prompt else " "  # as data_prep.py appends it
+    # As data_prep.py appends it: on its own line unless the prompt is one finished sentence
+    # ("Is it safe or not Answer in under 20 words." would read as a negated limit).
+    sep = " " if "\n" not in prompt and prompt.endswith((".", "!", "?")) else "\n\n"
     return prompt + sep + LIMIT_INSTRUCTION.format(n=limit), tokens
 
 
@@ -226,7 +267,7 @@ def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, ma
     try:
         sent, tokens = full_prompt(prompt, word_limit, max_new_tokens, args)
     except InputError as e:
-        raise gr.Error(str(e), title="Not sent") from None
+        raise gr.Error(str(e)) from None
     outputs = [f"**Sent:** {sent}"] + ["", "*waiting...*"] * len(columns)
     yield list(outputs)
     for i, column in enumerate(columns):
@@ -236,8 +277,7 @@ def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, ma
         except Exception as e:  # shown to the user in one line; the details go to the server's log
             traceback.print_exc()
             hint = " Ask for fewer tokens." if isinstance(e, torch.OutOfMemoryError) else ""
-            raise gr.Error(f"{column.label} failed: {type(e).__name__}: {str(e)[:300]}.{hint}",
-                           title="Generation failed") from None
+            raise gr.Error(f"{column.label} failed ({type(e).__name__}: {str(e)[:300]}).{hint}") from None
         outputs[1 + 2 * i: 3 + 2 * i] = [answer["answer"], stats_line(answer, sent, tokens)]
         yield list(outputs)
 
@@ -269,11 +309,11 @@ def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Bl
         gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=[prompt])
         sent = gr.Markdown(elem_id="sent")
         outputs = [sent]
-        with gr.Row(equal_height=True):
+        with gr.Row():
             for column in columns:
                 with gr.Column(min_width=240):
                     gr.Markdown(f"**{column.label}**")
-                    outputs.append(gr.Textbox(label="Answer", lines=8, interactive=False,
+                    outputs.append(gr.Textbox(label="Answer", lines=8, max_lines=8, interactive=False,
                                               elem_id=f"answer-{column.key}"))
                     outputs.append(gr.Markdown(elem_id=f"stats-{column.key}"))
 
