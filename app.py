@@ -44,6 +44,7 @@ DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
 # The phrasing GRPO was rewarded for obeying (data_prep.py's first template; rewards.py parses it).
 LIMIT_INSTRUCTION = WORD_LIMIT_TEMPLATES[0]  # "Answer in under {n} words."
 MAX_WORD_LIMIT = 1000
+MIN_NEW_TOKENS = 8  # the slider's low end
 WEIGHTS = ("auto", "nf4", "dequantized", "full")  # see weights_for
 
 
@@ -101,6 +102,15 @@ class Column:
                 if self.adapter is not None:
                     self.model.set_adapter(self.adapter)
                 yield self.model
+
+
+def check_limits(args: AppArguments) -> None:
+    if not MIN_NEW_TOKENS <= args.max_new_tokens <= args.max_new_tokens_cap:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens}: must be from {MIN_NEW_TOKENS} to "
+                         f"--max_new_tokens_cap ({args.max_new_tokens_cap})")
+    for name in ("max_prompt_chars", "max_queue"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
 
 
 def adapter_folders(args: AppArguments) -> dict[str, str]:
@@ -174,6 +184,7 @@ def load_merged(folder: str, dtype, weights: str):
 
 def load_columns(args: AppArguments) -> list[Column]:
     """Every model the page shows, loaded. Paths are checked before anything loads."""
+    check_limits(args)
     adapters = adapter_folders(args)
     dtype = pick_dtype(args.dtype)
     base_weights, merged_weights = weights_for(args, merged=False), weights_for(args, merged=True)
@@ -303,7 +314,7 @@ def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Bl
         with gr.Row(equal_height=True):
             word_limit = gr.Number(label="Word limit (optional)", precision=0, minimum=1, maximum=MAX_WORD_LIMIT,
                                    elem_id="word-limit", info="appended as: " + LIMIT_INSTRUCTION.format(n="N"))
-            max_new_tokens = gr.Slider(8, args.max_new_tokens_cap, value=args.max_new_tokens, step=8,
+            max_new_tokens = gr.Slider(MIN_NEW_TOKENS, args.max_new_tokens_cap, value=args.max_new_tokens, step=8,
                                        label="Max new tokens", elem_id="max-new-tokens")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=[prompt])

@@ -224,6 +224,8 @@ def test_cli_checks_paths_before_loading(tmp_path, monkeypatch, capsys, adapters
     assert f"no GRPO adapter in {app.DEFAULT_GRPO}" in capsys.readouterr().out
     assert (app.weights_for(app.parse_args([]), merged=False), app.weights_for(app.parse_args([]), merged=True)) \
         == (("nf4", "nf4") if torch.cuda.is_available() else ("dequantized", "full"))
+    with pytest.raises(common.InputError, match=r"--max_new_tokens 100: must be from 8 to --max_new_tokens_cap \(64\)"):
+        app.load_columns(app.parse_args(["--max_new_tokens", "100", "--max_new_tokens_cap", "64"]))
     with pytest.raises(common.InputError, match="--weights 'int8': expected one of auto, nf4, dequantized, full"):
         app.weights_for(app.AppArguments(weights="int8"), merged=False)  # from Python: no argparse
     # From the command line: one line on stderr, exit status 2, no traceback.
