@@ -19,8 +19,8 @@ trained model computed, up to rounding (on the tiny test model in fp32: logits w
 1e-4, identical greedy answers). `--merge_into original` adds them to the unquantised
 weights instead; that model differs from the trained one by the quantisation error (on
 the tiny model: logits off by 0.3 to 0.5; with the demo's adapter all four preview answers
-differ), and is there for
-those who want the full-precision base under the adapter anyway. The NF4 base depends on
+differ), and is there for those who want the full-precision base under the adapter
+anyway. The NF4 base depends on
 the dtype the weights were loaded in before quantising (bf16 rounds them otherwise than
 fp16), so `--train_dtype` must be what training used: `auto` picks as sft_qlora.py does on
 this machine (fp16 on a T4); exporting on another kind of GPU, name it (`--train_dtype
