@@ -13,18 +13,17 @@ tokens and chat template, and a generation config that stops at <|end|> and pads
 
 What it merges into. The adapter was trained on the NF4-quantised base: what it learned
 corrects that model, quantisation error included. So by default (`--merge_into nf4`) the
-base is loaded in NF4 exactly as training loaded it, dequantised, and the LoRA deltas and
-the trained chat-token rows are added to those weights: the export computes what the
+base is loaded in NF4 exactly as training loaded it, dequantised, and the LoRA deltas
+and the trained chat-token rows are added to those weights: the export computes what the
 trained model computed, up to rounding (on the tiny test model in fp32: logits within
 1e-4, identical greedy answers). `--merge_into original` adds them to the unquantised
 weights instead; that model differs from the trained one by the quantisation error (on
-the tiny model: logits off by 0.3 to 0.5; with the demo's adapter all four preview answers
-differ), and is there for those who want the full-precision base under the adapter
-anyway. The NF4 base depends on
-the dtype the weights were loaded in before quantising (bf16 rounds them otherwise than
-fp16), so `--train_dtype` must be what training used: `auto` picks as sft_qlora.py does on
-this machine (fp16 on a T4); exporting on another kind of GPU, name it (`--train_dtype
-float16` after a T4 run).
+the tiny model: logits off by 0.3 to 0.5; with the demo's adapter all four preview
+answers differ), and is there for those who want the full-precision base under the
+adapter anyway. The NF4 base depends on the dtype the weights were loaded in before
+quantising (bf16 rounds them otherwise than fp16), so `--train_dtype` must be what
+training used: `auto` picks as sft_qlora.py does on this machine (fp16 on a T4);
+exporting on another kind of GPU, name it (`--train_dtype float16` after a T4 run).
 
 Phi-2's lm_head keeps its bias (PEFT's merge writes the trained rows into the base
 nn.Linear, bias included), and the export is written into a temporary folder beside the
