@@ -72,8 +72,10 @@ class EvalArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "length cap of each answer, in tokens"})
     # 16 prompts x 256 new tokens fits a T4 next to Phi-2 in 4-bit with room to spare.
     batch_size: int = field(default=16, metadata={"help": "prompts generated together"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (fp16 on a T4, bf16 on Ampere+, fp32 "
-                                                         "on the CPU), float16, bfloat16, float32"})
+    # The NF4 base is quantised from the weights in this dtype, so it should be the one
+    # training used (bf16 rounds Phi-2's fp16 weights before quantising: another base).
+    dtype: str = field(default="auto", metadata={"help": "compute dtype, as in training: auto (fp16 on a T4, bf16 on "
+                                                         "Ampere+, fp32 on the CPU), float16, bfloat16, float32"})
     load_in_4bit: bool = field(default=True, metadata={"help": "load the base in 4-bit NF4, as it was trained"})
     use_bnb_nested_quant: bool = field(default=True, metadata={"help": "double quantisation, as in training"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "attention kernel (sdpa is fp16-safe on a T4)"})
