@@ -6,7 +6,7 @@ keeping the effective batch.
     python memory_plan.py --config recipes/grpo_phi2_t4.yaml
     python memory_plan.py --per_device_train_batch_size 16       # any recipe field, over the recipe
     python memory_plan.py --auto --gpu_gib 80 --gpu h100         # fastest plan that fits an H100
-    python memory_plan.py --hidden_act gelu_new                  # Phi-2's own activation (no gelu patch)
+    python memory_plan.py --hidden_act gelu_pytorch_tanh         # as if Phi-2's gelu ran as one kernel
 
 The estimate is the peak of `torch.cuda.max_memory_allocated()`: the weights (NF4 or 16-bit),
 the adapter with its AdamW state, and the activations of the longest micro-batch, whose bytes
@@ -122,11 +122,19 @@ def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
 def act_bytes_per_token(recipe: dict, checkpointing: bool) -> float:
     sixteen = not recipe.get("load_in_4bit", True)
     per_token = ACT_BYTES[(sixteen, checkpointing)]
-    if recipe.get("hidden_act", "gelu_pytorch_tanh") == "gelu_new":
+    if recipe.get("hidden_act", loaded_activation()) == "gelu_new":
         per_token += GELU_NEW_BYTES[checkpointing]
     if float(recipe.get("lora_dropout", 0.05)) > 0:
         per_token += DROPOUT_BYTES[checkpointing]
     return per_token
+
+
+def loaded_activation() -> str:
+    """The MLP activation common.load_base_model gives Phi-2: its own gelu_new, unless common.py
+    swaps in the fused kernel (PHI2_HIDDEN_ACT, the gelu patch of PERFORMANCE.md)."""
+    import common
+
+    return getattr(common, "PHI2_HIDDEN_ACT", "gelu_new")
 
 
 def is_grpo(recipe: dict) -> bool:

@@ -35,18 +35,23 @@ def test_peak_grows_with_batch_and_length(recipe):
 def test_what_the_measurements_said():
     # Without checkpointing, gelu_new's saved tensors and LoRA dropout's copies cost memory;
     # with it they live for one layer only.
-    assert peak(SFT, hidden_act="gelu_new") > peak(SFT) + 5
-    assert peak(SFT, lora_dropout=0.0) < peak(SFT)
+    free = {"gradient_checkpointing": False, "per_device_train_batch_size": 8}
+    assert peak(SFT, hidden_act="gelu_new", **free) > peak(SFT, hidden_act="gelu_pytorch_tanh", **free) + 5
+    assert peak(SFT, lora_dropout=0.0, **free) < peak(SFT, lora_dropout=0.05, **free)
     ckpt = {"gradient_checkpointing": True}
-    assert peak(SFT, lora_dropout=0.0, **ckpt) == peak(SFT, **ckpt)
+    assert peak(SFT, lora_dropout=0.0, **ckpt) == peak(SFT, lora_dropout=0.05, **ckpt)
+    assert peak(SFT, hidden_act="gelu_new", **ckpt) > peak(SFT, hidden_act="gelu_pytorch_tanh", **ckpt)
     # The accumulation steps do not change a micro-batch's memory.
     assert peak(SFT, gradient_accumulation_steps=8) == peak(SFT, gradient_accumulation_steps=1)
 
 
-def test_the_t4_recipes_fit_a_t4_and_not_half_of_one():
+def test_the_t4_recipes_fit_a_t4():
     assert mp.estimate(SFT, 15).fits and mp.estimate(GRPO, 15).fits
-    assert not mp.estimate(SFT, 8).fits
-    assert not mp.estimate({**SFT, "per_device_train_batch_size": 32}, 15).fits
+    assert not mp.estimate({**SFT, "per_device_train_batch_size": 32, "gradient_checkpointing": False}, 15).fits
+    # The faster plan of PERFORMANCE.md fits only with the fused gelu.
+    patched = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "gradient_checkpointing": False}
+    assert mp.estimate({**SFT, **patched, "hidden_act": "gelu_pytorch_tanh"}, 15).fits
+    assert not mp.estimate({**SFT, **patched, "hidden_act": "gelu_new"}, 15).fits
 
 
 @pytest.mark.parametrize("gpu_gib,gpu", [(15, "t4"), (8, "t4"), (24, "h100"), (80, "h100")])
@@ -64,6 +69,7 @@ def test_auto_fits_and_keeps_the_effective_batch(recipe, gpu_gib, gpu):
 def test_auto_prefers_more_tokens_a_step_on_a_larger_gpu():
     small, _ = mp.auto_plan(SFT, 15, "h100")
     large, _ = mp.auto_plan(SFT, 80, "h100")
+    assert small["gradient_checkpointing"]  # 16 x 256 without it would not fit 15 GiB
     assert large["per_device_train_batch_size"] >= small["per_device_train_batch_size"]
     assert not large["gradient_checkpointing"]
 
@@ -96,7 +102,7 @@ def test_bad_files_and_flags(tmp_path, capsys):
         mp.main(["--lora_r"])
     assert mp.main(["--auto", "--gpu_gib", "80", "--gpu", "h100"]) == 0
     assert "auto (h100, 80 GiB): --per_device_train_batch_size" in capsys.readouterr().out
-    assert mp.main(["--per_device_train_batch_size", "64"]) == 1  # does not fit a T4: non-zero status
+    assert mp.main(["--per_device_train_batch_size", "64", "--gradient_checkpointing", "false"]) == 1  # no fit: status 1
 
 
 def test_estimates_within_15_percent_of_every_measured_peak():
