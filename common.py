@@ -561,6 +561,10 @@ def train_guarded(trainer, resume_from: str | None, memory_knobs: dict) -> None:
     """
     import torch
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != trainer.args.world_size:  # else each process would train alone, racing on the files
+        raise InputError(f"launched as {launched} processes but they did not connect (the Trainer sees "
+                         f"{trainer.args.world_size}); without GPUs, pass --use_cpu true to use gloo")
     guard = TrainingGuard()
     trainer.add_callback(guard)
     try:

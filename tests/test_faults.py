@@ -67,7 +67,7 @@ def complete(out: Path, step: int) -> bool:
 
 def test_a_run_survives_sigterm_kill9_mid_save_and_ctrl_c(tiny_model_dir, sample_data_dir, tmp_path):
     """One run, interrupted four ways, ends with the same adapter as an uninterrupted run."""
-    out, total = tmp_path / "run", 14
+    out, total = tmp_path / "run", 20
     cmd = lambda *extra, **kw: sft_command(tiny_model_dir, sample_data_dir, out, "--max_steps", str(total),
                                            *extra, **kw)
 
@@ -93,7 +93,7 @@ def test_a_run_survives_sigterm_kill9_mid_save_and_ctrl_c(tiny_model_dir, sample
 
     # 3. Ctrl-C: resumes from the last complete checkpoint, says so, stops cleanly (130).
     run = Run(cmd(), tmp_path / "3.log")
-    next_save = int(stopped.split("-")[-1]) + 2
+    next_save = (int(stopped.split("-")[-1]) // 2 + 1) * 2  # saves come every 2 steps
     run.wait_for(lambda: complete(out, next_save), f"checkpoint-{next_save}")
     run.proc.send_signal(signal.SIGINT)
     assert run.finish() == 128 + signal.SIGINT, run.output()[-2000:]
