@@ -17,13 +17,13 @@ Timing: a callback synchronises the GPU at each optimizer step's end; the first
 (the per-step median and spread are reported too). Tokens are counted by the Trainer
 (`include_num_input_tokens_seen=non_padding`), summed over processes, so
 
-    accelerate launch --num_processes 2 benchmarks/bench_gpu.py --jobs sft-recipe ...
+    accelerate launch --num_processes 2 benchmarks/bench_gpu.py --jobs "g16 ckpt,t4 sft recipe"
 
-reports the tokens/s of both GPUs on rank 0 (jobs then run in-process, one after another).
+reports the tokens/s of both GPUs on rank 0 (SFT jobs only, run in-process one after another).
 
-    python benchmarks/bench_gpu.py                      # H100 set: bf16, memory free
+    python benchmarks/bench_gpu.py --jobs run2          # a set of jobs: bf16 (Ampere+), memory free
     python benchmarks/bench_gpu.py --t4 --jobs t4       # fp16, capped at 15 GiB, 30 steps each
-    python benchmarks/bench_gpu.py --list               # the jobs and what each one changes
+    python benchmarks/bench_gpu.py --list               # the sets, the jobs and what each one changes
 
 Prints a table at the end and writes `results.json` (and profiles) to `--out`.
 """
@@ -55,7 +55,8 @@ T4_GIB = 15.0
 
 # The seed recipe's values, spelled out, so these jobs mean the same whatever the recipe file says now.
 SEED = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "true",
-        "--lora_dropout", "0.05", "--packing", "false", "--optim", "adamw_torch", "--load_in_4bit", "true"]
+        "--lora_dropout", "0.05", "--packing", "false", "--optim", "adamw_torch", "--load_in_4bit", "true",
+        "--train_sampling_strategy", "random"]
 FAST = [*SEED, "--lora_dropout", "0.0", "--packing", "true", "--optim", "adamw_torch_fused"]
 # Run 2: batches of similar lengths instead of TRL's packing (which, with sdpa, flattens the
 # whole micro-batch into one row and pays attention over all of it).
@@ -673,6 +674,8 @@ def main(argv=None) -> list[dict]:
     distributed = world_size() > 1
     if distributed:
         from accelerate import PartialState
+
+        jobs = [j for j in jobs if j["kind"] == "sft"]  # tokens/s summed over GPUs; rollouts and GRPO: one GPU
 
         state = PartialState()
         with state.main_process_first():
