@@ -98,24 +98,37 @@ def write_jsonl_atomic(path: str | os.PathLike, rows) -> int:
 
 def read_jsonl_rows(path: str | os.PathLike, what: str):
     """Yield `(line number, row)` for each non-blank line of a JSONL file, with errors
-    that name the file and line (`datasets`' JSON loader names neither)."""
+    that name the file and line (`datasets`' JSON loader names neither). Lines are decoded
+    one at a time, so a bad byte is blamed on its own line; a UTF-8 byte-order mark is
+    skipped."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found; run data_prep.py first (see README)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text; save it as UTF-8 JSONL") from None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                json.dumps(row, ensure_ascii=False).encode("utf-8")  # an unpaired \ud800 escape fails here
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            except (RecursionError, ValueError, UnicodeEncodeError) as e:  # too deep, a 5,000-digit number
+                reason = "an unpaired surrogate escape such as \\ud800" if isinstance(e, UnicodeEncodeError) else str(e)[:80]
+                raise InputError(f"{path}:{n}: a value JSON allows but this program can't hold ({reason})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+
+
+def check_limit(limit: int | None, flag: str) -> None:
+    """`limit` caps how many rows to use: None for all, else at least 1."""
+    if limit is not None and limit < 1:
+        raise InputError(f"{flag} must be at least 1 (or left out to use every row), got {limit}")
 
 
 def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
@@ -128,17 +141,18 @@ def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
         if not path.is_file():
             raise InputError(f"{path}: prompt file not found")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError:
-            raise InputError(f"{path}: not UTF-8 text") from None
+            raise InputError(f"{path}: not UTF-8 text; save it as UTF-8") from None
         rows = [{"prompt": line.strip(), "word_limit": None} for line in lines if line.strip()]
     else:
         for n, row in read_jsonl_rows(path, "prompt file"):
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise InputError(f"{path}:{n}: field 'prompt' must be a non-empty string")
             limit = row.get("word_limit")
-            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
-                raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer or null, got {limit!r}")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit < 10**9):
+                raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer below 10**9 or null, "
+                                 f"got {str(limit)[:20]}")
             rows.append({"prompt": row["prompt"], "word_limit": limit})
     if not rows:
         raise InputError(f"{path}: no prompts in the file")
@@ -222,7 +236,13 @@ def split_batch_over_processes(parsed) -> list[str]:
     per-process values, and the batch grows N times."""
     from transformers import TrainingArguments
 
+    import torch
+
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1 and torch.cuda.device_count() > 1:  # the Trainer would use nn.DataParallel, which TRL refuses
+        raise InputError(f"{torch.cuda.device_count()} GPUs are visible to one process: use them all with "
+                         f"`accelerate launch --num_processes {torch.cuda.device_count()} <script> ...`, or one with "
+                         "CUDA_VISIBLE_DEVICES=0")
     script_args = parsed[0]
     args = next(a for a in parsed if isinstance(a, TrainingArguments))
     micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps

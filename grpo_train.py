@@ -26,6 +26,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 import rewards
 from common import (
     InputError,
+    check_limit,
     claim_output_dir,
     count_words,
     exit_on_input_error,
@@ -74,6 +75,7 @@ def load_prompts(path: str, tokenizer, max_tokens: int, limit: int | None = None
     it to the model as is), `word_limit` passed on to the rewards."""
     from datasets import Dataset
 
+    check_limit(limit, "--max_prompts")
     rows, too_long = [], 0
     for row in read_prompt_rows(path):
         text = format_prompt(row["prompt"])
@@ -130,6 +132,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     if not (Path(script_args.sft_adapter) / "adapter_config.json").is_file():
         raise InputError(f"{script_args.sft_adapter}: no SFT adapter there; run sft_qlora.py first (see README)")
     run = {"script": "grpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
            "sft_adapter": str(Path(script_args.sft_adapter).resolve())}
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included

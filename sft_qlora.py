@@ -29,6 +29,7 @@ from common import (
     END,
     ROLE_TOKENS,
     InputError,
+    check_limit,
     claim_output_dir,
     chat_token_ids,
     exit_on_input_error,
@@ -73,6 +74,7 @@ def load_conversations(path: str, limit: int | None = None):
     row is checked here, so a bad line is named before any model is loaded."""
     from datasets import Dataset
 
+    check_limit(limit, "--max_train_examples")
     conversations = []
     for n, row in read_jsonl_rows(path, "data file"):
         messages = row.get("messages")
@@ -120,7 +122,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                if script_args.preview_prompts_file else None)
     if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.eval_on_start):
         training_args = dataclasses.replace(training_args, eval_strategy="no", eval_on_start=False)
+    # What a resume must not change. The dtype too: NF4 quantised from bf16 weights is not
+    # the NF4 base of an fp16 (T4) run, so the adapter would continue on another model.
     run = {"script": "sft_qlora.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
            "lora_r": model_args.lora_r, "lora_target_modules": model_args.lora_target_modules}
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
     print(f"[sft] {len(train_dataset)} train / {len(eval_dataset) if eval_dataset else 0} eval conversations; "
