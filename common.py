@@ -396,8 +396,34 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
         attn_implementation=attn_implementation,  # sdpa: fp16-safe attention on a T4
         device_map={"": device},
     )
+    use_fused_gelu(model)
+    if torch.cuda.is_available():
+        # cuDNN's sdpa kernels cost ~2 ms of host time a call and a new plan for each new
+        # sequence length (H100, torch 2.11): without them SFT ran 26% faster (PERFORMANCE.md).
+        # A T4 has no cuDNN attention; the flash / memory-efficient kernels remain.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     init_chat_token_rows(model, tokenizer)
     return model
+
+
+PHI2_HIDDEN_ACT = "gelu_pytorch_tanh"  # what use_fused_gelu gives Phi-2 (memory_plan.py reads it)
+
+
+def use_fused_gelu(model) -> int:
+    """Phi-2's `gelu_new` is a Python formula: ~8 kernels and ~7 saved tensors of the MLP
+    width a token in each layer. torch's gelu(approximate="tanh") is the same function in one
+    kernel (logits equal to 1e-5, tested): 10% faster SFT, and ~4 MB less a token without
+    gradient checkpointing (PERFORMANCE.md). Returns how many layers were changed."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "activation_fn", None), NewGELUActivation):
+            module.activation_fn = GELUTanh()
+            swapped += 1
+    if swapped:
+        model.config.hidden_act = PHI2_HIDDEN_ACT
+    return swapped
 
 
 def model_kwargs(model_args) -> dict:

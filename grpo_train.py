@@ -63,6 +63,10 @@ class ScriptArguments:
     )
     preview_steps: int = field(default=50, metadata={"help": "generate previews every N optimizer steps (0: never)"})
     preview_prompts_file: str | None = field(default=None, metadata={"help": "default: word-limited prompts"})
+    preview_max_share: float = field(
+        default=0.02, metadata={"help": "skip a scheduled preview if previews would pass this share of the "
+                                        "training time (0: never skip); the first and last always run"}
+    )
     preview_max_new_tokens: int = field(default=160, metadata={"help": "length cap of each preview answer"})
     keep_effective_batch: bool = field(
         default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
@@ -159,7 +163,8 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     if script_args.preview_steps > 0:
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
                                              every=script_args.preview_steps,
-                                             max_new_tokens=script_args.preview_max_new_tokens))
+                                             max_new_tokens=script_args.preview_max_new_tokens,
+                                             max_share=script_args.preview_max_share))
 
     train_guarded(trainer, resume_from, {
         "per_device_train_batch_size": training_args.per_device_train_batch_size,

@@ -69,21 +69,39 @@ class PreviewCallback(TrainerCallback):
     go on to the next step and wait for it there, at the gradient sync."""
 
     def __init__(self, tokenizer, output_dir: str | Path, prompts: list[str] | None = None,
-                 every: int = 100, max_new_tokens: int = 128):
+                 every: int = 100, max_new_tokens: int = 128, max_share: float = 0.0):
         self.tokenizer = tokenizer
         self.output_dir = Path(output_dir)
         self.prompts = list(prompts or DEFAULT_PROMPTS)
         self.every = every
         self.max_new_tokens = max_new_tokens
+        self.max_share = max_share  # of the training time, for the previews between the first and the last (0: no cap)
         self.last_step = None
         self.seconds = 0.0  # time spent generating, to weigh against training time
+        self.last_seconds = None
+        self.started = None
+        self.skipped = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.started = time.perf_counter()
         self.preview(model, state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every and state.global_step % self.every == 0:
+        if self.every and state.global_step % self.every == 0 and self.within_share():
             self.preview(model, state)
+
+    def within_share(self) -> bool:
+        """A scheduled preview runs only if all previews so far plus this one (guessed to take
+        as long as the last) stay within `max_share` of the time since training began. A
+        preview took 13-17 s on an H100, where 100 steps can take a minute: there previews
+        come less often than every `every` steps, never more often (PERFORMANCE.md)."""
+        if not self.max_share or self.started is None or self.last_seconds is None:
+            return True
+        elapsed = time.perf_counter() - self.started
+        if self.seconds + self.last_seconds <= self.max_share * elapsed:
+            return True
+        self.skipped += 1
+        return False
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.preview(model, state)
@@ -94,7 +112,8 @@ class PreviewCallback(TrainerCallback):
         self.last_step = state.global_step
         start = time.perf_counter()
         answers = generate_answers(model, self.tokenizer, self.prompts, self.max_new_tokens)
-        self.seconds += time.perf_counter() - start
+        self.last_seconds = time.perf_counter() - start
+        self.seconds += self.last_seconds
         self.write(state.global_step, answers)
         return answers
 

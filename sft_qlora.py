@@ -59,6 +59,10 @@ class ScriptArguments:
     preview_prompts_file: str | None = field(
         default=None, metadata={"help": ".jsonl of {'prompt': ...} or .txt, one per line; default: built-in prompts"}
     )
+    preview_max_share: float = field(
+        default=0.02, metadata={"help": "skip a scheduled preview if previews would pass this share of the "
+                                        "training time (0: never skip); the first and last always run"}
+    )
     preview_max_new_tokens: int = field(default=128, metadata={"help": "length cap of each preview answer"})
     keep_effective_batch: bool = field(
         default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
@@ -144,7 +148,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     )
     if script_args.preview_steps > 0:
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, prompts, every=script_args.preview_steps,
-                                             max_new_tokens=script_args.preview_max_new_tokens))
+                                             max_new_tokens=script_args.preview_max_new_tokens,
+                                             max_share=script_args.preview_max_share))
     fix_lm_head_bias(trainer.model)
     upcast_trainable_params(trainer.model)
     if trainer.is_world_process_zero():

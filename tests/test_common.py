@@ -116,3 +116,18 @@ def test_prompt_rows_missing_or_not_utf8(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(common.InputError, match="not UTF-8"):
         common.read_prompt_rows(tmp_path / "latin.jsonl")
+
+
+def test_fused_gelu_is_phi2s_gelu_in_one_kernel(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh
+
+    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
+    fused = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32, load_in_4bit=False).eval()
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    common.init_chat_token_rows(plain, tokenizer)
+    assert plain.config.hidden_act == "gelu_new" and fused.config.hidden_act == common.PHI2_HIDDEN_ACT
+    assert all(isinstance(layer.mlp.activation_fn, GELUTanh) for layer in fused.model.layers)
+    batch = tokenizer(["Why is the sky blue?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch).logits, plain(**batch).logits, atol=1e-5, rtol=1e-5)

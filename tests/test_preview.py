@@ -59,3 +59,17 @@ def test_only_the_main_process_generates(model_and_tokenizer, tmp_path):
     assert len(callback.preview(model, state)) == 1
     assert callback.preview(model, state) is None  # one preview per step, even if asked twice
     assert (tmp_path / "previews.md").is_file()
+
+
+def test_previews_are_skipped_past_their_share_of_training_time():
+    import time
+
+    callback = PreviewCallback(tokenizer=None, output_dir="unused", every=1, max_share=0.1)
+    assert callback.within_share()  # nothing measured yet: the first scheduled preview runs
+    callback.started = time.perf_counter() - 100.0  # 100 s of training so far
+    callback.seconds, callback.last_seconds = 6.0, 3.0
+    assert callback.within_share()  # 6 + 3 <= 10% of 100 s
+    callback.seconds = 8.0
+    assert not callback.within_share() and callback.skipped == 1  # 8 + 3 > 10 s
+    callback.max_share = 0.0
+    assert callback.within_share()  # 0: no cap
