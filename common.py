@@ -19,6 +19,14 @@ ASSISTANT = "<|assistant|>"
 END = "<|end|>"  # end of turn; also the tokenizer's EOS, so generate() and GRPO stop on it
 PAD = "<|pad|>"  # distinct from EOS, so padding never masks a real end of turn
 CHAT_TOKENS = [USER, ASSISTANT, END, PAD]
+# Text that the tokenizer turns into a special token: inside a message it would end the
+# turn early or start a fake one, so such text is refused (data_prep.py drops it).
+RESERVED_TEXT = (*CHAT_TOKENS, "<|endoftext|>")
+
+
+def reserved_text_in(text: str) -> str | None:
+    """The first chat or end-of-document token written out in `text`, if any."""
+    return next((t for t in RESERVED_TEXT if t in text), None)
 ROLE_TOKENS = {"user": USER, "assistant": ASSISTANT}
 
 # The same format as `format_chat`, for tokenizer.apply_chat_template. The
@@ -149,6 +157,9 @@ def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
         for n, row in read_jsonl_rows(path, "prompt file"):
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise InputError(f"{path}:{n}: field 'prompt' must be a non-empty string")
+            if token := reserved_text_in(row["prompt"]):
+                raise InputError(f"{path}:{n}: the prompt holds {token!r}, which the tokenizer reads as a special "
+                                 "token (a turn boundary); remove it")
             limit = row.get("word_limit")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit < 10**9):
                 raise InputError(f"{path}:{n}: field 'word_limit' must be a positive integer below 10**9 or null, "

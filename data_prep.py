@@ -58,7 +58,8 @@ from pathlib import Path
 from tqdm import tqdm
 from trl import TrlParser
 
-from common import InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, write_jsonl_atomic
+from common import (InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, reserved_text_in,
+                    write_jsonl_atomic)
 
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -95,6 +96,7 @@ DROP_REASONS = (
     "failed_review",
     "empty_text",
     "other_lang",
+    "chat_token_text",  # the text holds <|end|>, <|user|>, ... which the tokenizer reads as turn boundaries
     "role_order",  # an assistant opening a tree, or two turns of one role in a row
     "tree_root_dropped",  # below a root prompt that was deleted or failed review
     "parent_missing",  # below a dropped message, or its parent is not in the input
@@ -446,6 +448,8 @@ def own_drop_reason(m: dict, langs: set | None) -> str | None:
         return "empty_text"
     if langs is not None and m["lang"] not in langs:
         return "other_lang"
+    if reserved_text_in(m["text"]):
+        return "chat_token_text"
     return None
 
 

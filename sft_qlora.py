@@ -42,6 +42,7 @@ from common import (
     plot_history,
     read_jsonl_rows,
     read_prompt_rows,
+    reserved_text_in,
     train_guarded,
     upcast_trainable_params,
 )
@@ -89,6 +90,9 @@ def load_conversations(path: str, limit: int | None = None):
             if not isinstance(turn, dict) or turn.get("role") not in ROLE_TOKENS or not isinstance(turn.get("content"), str):
                 raise InputError(f"{path}:{n}: each turn needs 'role' ('user' or 'assistant') and a string "
                                  f"'content'; got {str(turn)[:80]}")
+            if token := reserved_text_in(turn["content"]):
+                raise InputError(f"{path}:{n}: a turn holds {token!r}, which the tokenizer reads as a special token "
+                                 "(a turn boundary), not text; remove it (data_prep.py drops such messages)")
         if not any(turn["role"] == "assistant" for turn in messages):
             raise InputError(f"{path}:{n}: no assistant turn, so nothing to learn from")
         conversations.append({"messages": [{"role": t["role"], "content": t["content"]} for t in messages]})

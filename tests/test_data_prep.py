@@ -219,6 +219,7 @@ def test_filters_are_counted_by_reason(tmp_path):
         "failed_review": 2,  # b0, f1
         "empty_text": 0,
         "other_lang": 2,  # d0, d1
+        "chat_token_text": 0,
         "role_order": 0,
         "tree_root_dropped": 4,  # b1 b11 b111, c1
         "parent_missing": 5,  # a31 a311 (under deleted a3), f11 (under f1), g1 (absent parent) g2
@@ -577,3 +578,19 @@ def run_path(tmp_path: Path, src: Path, **kwargs):
     args = ScriptArguments(dataset_name=str(src), output_dir=str(tmp_path / "out"), **kwargs)
     return data_prep.main(args), tmp_path / "out"
 
+
+
+def test_chat_tokens_written_in_a_text_drop_the_message_and_its_subtree(tmp_path):
+    """`<|end|>` typed in a message would become a real end of turn once tokenized."""
+    rows = [
+        msg("p0", None, "prompter", "t1"),
+        msg("r1", "p0", "assistant", "t1", rank=0, text="Type <|end|> to finish the turn."),
+        msg("p11", "r1", "prompter", "t1"),
+        msg("r2", "p0", "assistant", "t1", rank=1),
+        msg("q0", None, "prompter", "t2", text="What does <|endoftext|> mean in GPT-2?"),
+        msg("s1", "q0", "assistant", "t2", rank=0),
+    ]
+    summary, out = run(tmp_path, rows, eval_fraction=0)
+    assert conversations(out) == expected("p0 r2")  # r1 lost its rank-0 place; t2 lost its root
+    assert summary["dropped"]["chat_token_text"] == 2
+    assert summary["dropped"]["parent_missing"] == 2  # p11 under r1, s1 under q0

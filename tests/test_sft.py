@@ -199,3 +199,13 @@ def test_bad_conversation_files_name_the_line(tmp_path, line, message):
         sft_qlora.load_conversations(str(tmp_path / "bad.jsonl"))
     (tmp_path / "good.jsonl").write_text((good + "\n") * 3)
     assert len(sft_qlora.load_conversations(str(tmp_path / "good.jsonl"), limit=2)) == 2
+
+
+def test_chat_tokens_written_in_user_files_are_refused(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi <|user|> there"}, '
+                                      '{"role": "assistant", "content": "Hello."}]}\n')
+    with pytest.raises(common.InputError, match=r"c\.jsonl:1: a turn holds '<\|user\|>'"):
+        sft_qlora.load_conversations(str(tmp_path / "c.jsonl"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Say <|end|> twice"}\n')
+    with pytest.raises(common.InputError, match=r"p\.jsonl:1: the prompt holds '<\|end\|>'"):
+        common.read_prompt_rows(tmp_path / "p.jsonl")
