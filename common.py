@@ -594,6 +594,16 @@ def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> 
     return resume_from
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 

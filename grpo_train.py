@@ -30,6 +30,7 @@ from common import (
     claim_output_dir,
     count_words,
     exit_on_input_error,
+    file_sha256,
     format_prompt,
     load_adapter,
     load_base_model,
@@ -133,11 +134,13 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     print(f"[grpo] {model_args.model_name_or_path} + {script_args.sft_adapter} on {device}, "
           f"compute dtype {str(dtype).split('.')[-1]}, beta {training_args.beta}")
 
-    if not (Path(script_args.sft_adapter) / "adapter_config.json").is_file():
+    if not all((Path(script_args.sft_adapter) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors")):
         raise InputError(f"{script_args.sft_adapter}: no SFT adapter there; run sft_qlora.py first (see README)")
     run = {"script": "grpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
            "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
-           "sft_adapter": str(Path(script_args.sft_adapter).resolve())}
+           "sft_adapter": str(Path(script_args.sft_adapter).resolve()),
+           # the adapter's content too: a retrained SFT run in the same folder is another start
+           "sft_adapter_sha256": file_sha256(Path(script_args.sft_adapter) / "adapter_model.safetensors")}
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included
     train_dataset = load_prompts(script_args.prompts_file, tokenizer, script_args.max_prompt_tokens,

@@ -237,3 +237,18 @@ def test_an_output_dir_that_holds_another_run_is_refused(tiny_model_dir, sample_
     (stranger / "checkpoint-5").mkdir(parents=True)
     with pytest.raises(common.InputError, match=r"holds checkpoints or an adapter of another run"):
         sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, stranger, "--max_steps", "2", *FAST))
+
+
+def test_grpo_refuses_to_resume_on_a_retrained_sft_adapter(tiny_model_dir, sample_data_dir, tmp_path):
+    """Same folder, new SFT weights: the GRPO checkpoints there started from another model."""
+    sft, grpo = tmp_path / "sft", tmp_path / "grpo"
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, sft, "--max_steps", "1", "--save_strategy", "no", *FAST))
+    args = ["--config", str(ROOT / "recipes" / "grpo_tiny.yaml"), "--model_name_or_path", str(tiny_model_dir),
+            "--sft_adapter", str(sft), "--prompts_file", str(sample_data_dir / "grpo_prompts.jsonl"),
+            "--output_dir", str(grpo), "--report_to", "none", "--max_steps", "1", "--preview_steps", "0"]
+    grpo_train.main(*grpo_train.parse_args(args))
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "sft2", "--max_steps", "2",
+                             "--save_strategy", "no", *FAST))
+    (sft / "adapter_model.safetensors").write_bytes((tmp_path / "sft2" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(common.InputError, match=r"holds another run \(sft_adapter_sha256: "):
+        grpo_train.main(*grpo_train.parse_args(args))
