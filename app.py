@@ -35,7 +35,7 @@ from transformers import HfArgumentParser
 
 import rewards
 from common import (CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer,
-                    pick_dtype)
+                    pick_dtype, with_instruction)
 from data_prep import WORD_LIMIT_TEMPLATES
 from preview_callback import DEFAULT_PROMPTS, generate_answers
 
@@ -244,10 +244,7 @@ def full_prompt(prompt, word_limit, max_new_tokens, args: AppArguments) -> tuple
     limit = _whole_number(word_limit)
     if limit is None or not 1 <= limit <= MAX_WORD_LIMIT:
         raise InputError(f"The word limit must be a whole number from 1 to {MAX_WORD_LIMIT}, or empty for none.")
-    # As data_prep.py appends it: on its own line unless the prompt is one finished sentence
-    # ("Is it safe or not Answer in under 20 words." would read as a negated limit).
-    sep = " " if "\n" not in prompt and prompt.endswith((".", "!", "?")) else "\n\n"
-    return prompt + sep + LIMIT_INSTRUCTION.format(n=limit), tokens
+    return with_instruction(prompt, LIMIT_INSTRUCTION.format(n=limit)), tokens  # as data_prep.py adds it
 
 
 def _whole_number(x) -> int | None:

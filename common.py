@@ -71,6 +71,15 @@ def count_words(text: str | None) -> int:
     return len(_WORD.findall(text or ""))
 
 
+def with_instruction(prompt: str, instruction: str) -> str:
+    """A prompt with an instruction such as "Answer in under 50 words." added: after a space
+    when the prompt is one finished sentence, else on its own line. After code or a list it
+    reads better there, and after a sentence with no closing mark it must be: rewards.py
+    reads "Is it safe or not Use at most 20 words." as a negated limit, "at least 20 words"."""
+    sep = " " if "\n" not in prompt and prompt.endswith((".", "!", "?")) else "\n\n"
+    return f"{prompt}{sep}{instruction}"
+
+
 # ---------------------------------------------------------------------------------------
 # Files: written whole or not at all.
 # ---------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from trl import TrlParser
 
 from common import (InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, reserved_text_in,
-                    write_jsonl_atomic)
+                    with_instruction, write_jsonl_atomic)
 
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -588,11 +588,7 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
             continue
         n = rng.choice(WORD_LIMITS)
         instruction = rng.choice(WORD_LIMIT_TEMPLATES).format(n=n)
-        # After a multi-line prompt (code, lists) the instruction reads better on its own line.
-        # So it does after a sentence with no closing mark, and there it must: rewards.py reads
-        # "Is it safe or not Use at most 20 words." as a negated limit, "at least 20 words".
-        sep = " " if "\n" not in prompt and prompt.endswith((".", "!", "?")) else "\n\n"
-        rows.append({"prompt": f"{prompt}{sep}{instruction}", "word_limit": n})
+        rows.append({"prompt": with_instruction(prompt, instruction), "word_limit": n})
     return rows
 
 
