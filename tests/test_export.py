@@ -26,7 +26,6 @@ from transformers import AutoModelForCausalLM
 
 import common
 import export_model
-from conftest import ROOT
 from preview_callback import generate_answers
 from tiny_adapters import sft_adapter
 

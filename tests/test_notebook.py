@@ -5,7 +5,6 @@ cell error. Its tiny run writes only into a temp dir, never into outputs/ or dat
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
