@@ -66,3 +66,16 @@ def sft_args(model_dir, data_dir, output_dir, *extra: str):
         "--report_to", "none",
         *extra,
     ])
+
+
+def stop_at(step: int):
+    """A callback that stops training (without a checkpoint of its own) after `step`: the
+    resume tests' interruption at a step boundary."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return StopAt()

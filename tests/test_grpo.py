@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import common
 import grpo_train
 import rewards
 import sft_qlora
-from conftest import ROOT, SAMPLE, sft_args
+from conftest import ROOT, SAMPLE, sft_args, stop_at
 from preview_callback import generate_answers
 
 TIGHT_LIMIT = "Answer in under 20 words."
@@ -107,15 +106,6 @@ def test_grpo_raises_reward_and_compliance_on_heldout_prompts(tiny_model_dir, da
     assert after[1] > before[1] + 0.2
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_resumed_grpo_equals_uninterrupted(tiny_model_dir, data_dir, sft_dir, tmp_path):
     """Stopped after the checkpoint at step 2 and resumed, GRPO ends with the same adapter
     and logs as a straight run (CPU, seed 42): sampling is reproducible because the
@@ -124,7 +114,7 @@ def test_resumed_grpo_equals_uninterrupted(tiny_model_dir, data_dir, sft_dir, tm
     Tolerance: 1e-6 absolute on each adapter weight, each logged loss, reward and KL."""
     run = ["--max_steps", "4", "--save_steps", "2", "--preview_steps", "0"]
     straight = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "a", *run))
-    grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "b", *run), callbacks=[StopAt(2)])
+    grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "b", *run), callbacks=[stop_at(2)])
     assert common.latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-2")
     resumed = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "b", *run))
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 import common
 import sft_qlora
-from conftest import sft_args
+from conftest import sft_args, stop_at
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +115,6 @@ def test_labels_cover_only_assistant_turns(trained, sample_data_dir):
     assert checked == 5
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_path):
     """Stopped after the checkpoint at step 4 and resumed, a run ends with the same adapter
     and the same later losses as one that ran straight through (fixed seed, CPU). Tolerance:
@@ -131,7 +122,7 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_p
     common_args = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--preview_steps", "0",
                    "--eval_strategy", "no", "--lora_dropout", "0.1"]
     straight = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "a", *common_args))
-    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args), callbacks=[StopAt(4)])
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args), callbacks=[stop_at(4)])
     assert common.latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-4")
     assert not (tmp_path / "b" / "checkpoint-8").exists()
     resumed = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args))
