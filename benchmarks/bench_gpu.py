@@ -523,16 +523,20 @@ def prepare(args) -> dict:
         make_phi2_shaped.build(model_dir)
     tokenizer = load_chat_tokenizer(str(model_dir))
     n = args.train_examples
+    extra = json.loads(args.ctx_json) if args.ctx_json else {}
+    # median_tokens 2000: every row is cut at 256, so each step carries the same tokens (fair
+    # when runs with different data shards are compared, as one GPU against two).
+    median = extra.get("median_tokens", 190)
     ctx = {
         "model_dir": str(model_dir), "work": str(work), "out": str(args.out), "t4": args.t4, "dtype": args.dtype,
         "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps, "train_examples": n,
-        "train_file": str(write_jsonl(work / "train.jsonl", synth_conversations(tokenizer, n, seed=0))),
+        "train_file": str(write_jsonl(work / "train.jsonl", synth_conversations(tokenizer, n, seed=0, median=median))),
         "eval_file": str(write_jsonl(work / "eval.jsonl", synth_conversations(tokenizer, 64, seed=2))),
         "prompts_file": str(write_jsonl(work / "prompts.jsonl", synth_prompts(400))),
         "sft_recipe": str(args.sft_recipe), "grpo_recipe": str(args.grpo_recipe),
         "adapter": str(work / "adapter"),
     }
-    ctx.update(json.loads(args.ctx_json) if args.ctx_json else {})
+    ctx.update(extra)
     return ctx
 
 

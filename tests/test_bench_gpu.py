@@ -49,6 +49,18 @@ def test_synthetic_lengths_are_seeded_and_oasst_like(tiny_model_dir):
     assert 0.1 < sum(n > 256 for n in lengths) / len(lengths) < 0.35  # a lognormal tail that the cut at 256 trims
 
 
+def test_median_tokens_2000_fills_every_row(tiny_model_dir, tmp_path):
+    """The data for the one-GPU against two-GPU comparison: every row cut at 256, so every
+    step carries the same tokens whichever process draws it."""
+    args = bench.parse_args(["--tiny", "--model_dir", str(tiny_model_dir), "--work", str(tmp_path), "--out",
+                             str(tmp_path / "out"), "--train_examples", "100", "--ctx_json", '{"median_tokens": 2000}'])
+    ctx = bench.prepare(args)
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    rows = [bench.json.loads(line) for line in open(ctx["train_file"], encoding="utf-8")]
+    lengths = [len(tokenizer(format_chat(r["messages"]), add_special_tokens=False)["input_ids"]) for r in rows]
+    assert len(rows) == 100 and sum(n >= 256 for n in lengths) >= 98
+
+
 def test_sft_jobs_count_real_tokens(ctx):
     plain = bench.run_job_here(bench.ALL_JOBS["trl-defaults"], ctx)
     padded = bench.run_job_here(bench.ALL_JOBS["recipe-seed"], ctx)
