@@ -123,6 +123,16 @@ JOBS = {
              why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
         dict(name="grpo-step", kind="grpo", steps=3, warmup=1, why="one GRPO step, T4 recipe through grpo_train.main"),
     ],
+    # Rollouts: plain generate against fast_rollouts.py (merged weights, CUDA-graph decoder).
+    "rollouts": [
+        dict(name="rollout", kind="rollout", batch=32, new_tokens=128, repeats=3,
+             why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
+        dict(name="rollout fast", kind="rollout", fast=True, batch=32, new_tokens=128, repeats=5,
+             why="fast_rollouts.generate: the current weights merged to 16-bit, one CUDA graph a token"),
+        dict(name="grpo-step plain", kind="grpo", steps=3, warmup=1, args=["--fast_rollouts", "false"],
+             why="the T4 recipe with TRL's generate"),
+        dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, why="the T4 recipe with fast rollouts"),
+    ],
     # Run 3, memory free: the recipe as it stands, and cuDNN's attention switched off (run 2's
     # profile: ~2 ms of host time per cuDNN attention call, and a new plan for each new length).
     "run3": [
@@ -142,6 +152,8 @@ JOBS = {
                 recipe_as_is=True, gelu="tanh",
                 why="the recipe at 8 x 2 without checkpointing, gelu patch applied (run 3 ran this as 't4 sft recipe')"),
         dict(name="t4 grpo recipe", kind="grpo", steps=30, warmup=1, why="recipes/grpo_phi2_t4.yaml, fp16, 15 GiB cap"),
+        dict(name="t4 rollout fast", kind="rollout", fast=True, batch=32, new_tokens=160, repeats=3,
+             why="fast rollouts at the GRPO recipe's shape, fp16, 15 GiB cap"),
     ],
 }
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
@@ -452,25 +464,49 @@ def run_rollout(job: dict, ctx: dict) -> dict:
     prompts = [format_prompt(r["prompt"]) for r in synth_prompts(job["batch"])]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
-    def generate(new_tokens):
-        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                  temperature=0.9, pad_token_id=tokenizer.pad_token_id,
+    dtype = pick_dtype(dtype_name(ctx))
+
+    def plain(new_tokens, temperature=0.9):
+        config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=temperature > 0,
+                                  temperature=temperature or None, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, disable_compile=True)
+        with torch.no_grad():
+            return model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+
+    def fast(new_tokens, temperature=0.9, use_graph=None):
+        import fast_rollouts
+
+        # no end token: every row runs the full length, as min_new_tokens makes plain generate do
+        return fast_rollouts.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens,
+                                      temperature=temperature, eos_token_ids=[-1], pad_token_id=tokenizer.pad_token_id,
+                                      dtype=dtype, use_graph=use_graph)
+
+    generate = fast if job.get("fast") else plain
+
+    def timed(new_tokens):
         sync()
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config)
+        out = generate(new_tokens)
         sync()
-        return time.perf_counter() - start, out.shape[1] - enc["input_ids"].shape[1]
+        return time.perf_counter() - start, out.shape[1]
 
-    generate(4)  # warm-up
+    timed(4)  # warm-up
     times, tokens = [], []
     for _ in range(job["repeats"]):
-        seconds, new = generate(job["new_tokens"])
+        seconds, new = timed(job["new_tokens"])
         times.append(seconds)
         tokens.append(new * job["batch"])
-    return {**summarize(times, tokens), **memory(), "batch": job["batch"], "new_tokens": job["new_tokens"],
-            "prompt_tokens": enc["input_ids"].shape[1]}
+    result = {**summarize(times, tokens), **memory(), "batch": job["batch"], "new_tokens": job["new_tokens"],
+              "prompt_tokens": enc["input_ids"].shape[1]}
+    if job.get("fast"):  # the same policy? greedy answers against plain generate's, graph against eager
+        n = job.get("check_tokens", 32)
+        reference, ours, eager = plain(n, 0.0), fast(n, 0.0), fast(n, 0.0, use_graph=False)
+        same = (reference == ours).float()
+        result.update(greedy_first_token_same=same[:, 0].mean().item(),
+                      greedy_rows_same=same.all(dim=1).float().mean().item(),
+                      greedy_tokens_same_before_first_difference=float(same.cumprod(1).sum(1).mean().item()),
+                      graph_equals_eager=bool(torch.equal(ours, eager)))
+    return result
 
 
 def run_grpo(job: dict, ctx: dict) -> dict:
@@ -481,7 +517,7 @@ def run_grpo(job: dict, ctx: dict) -> dict:
             "--prompts_file", ctx["prompts_file"], "--output_dir", str(Path(ctx["work"]) / slug(job["name"])),
             "--max_steps", str(job.get("steps_override") or job["steps"]), "--report_to", "none",
             "--save_strategy", "no", "--preview_steps", "0", "--dtype", dtype_name(ctx), "--resume", "false",
-            *ctx.get("grpo_overrides", [])]
+            *job.get("args", []), *ctx.get("grpo_overrides", [])]
     start = time.perf_counter()
     trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=[timer])
     return {**summarize(timer.times), **memory(), **finite_logs(trainer.state.log_history),
@@ -617,6 +653,10 @@ def table(results: list[dict]) -> str:
                          f"at every {r['preview_every']}")
         if r.get("kernels_per_step"):
             notes.append(f"{r['kernels_per_step']:.0f} kernels/step, GPU busy {r['gpu_busy_ms_per_step']:.0f} ms")
+        if r.get("greedy_rows_same") is not None:
+            notes.append(f"greedy vs plain: first token {100 * r['greedy_first_token_same']:.0f}% same, "
+                         f"{r['greedy_tokens_same_before_first_difference']:.1f} tokens before a difference; "
+                         f"graph {'=' if r['graph_equals_eager'] else '!='} eager")
         if r["kind"] == "grpo":
             notes.append(f"{r.get('steps')} steps, {r.get('completions_per_step')} completions/step"
                          + ("" if r.get("finite", True) else " NaN!"))

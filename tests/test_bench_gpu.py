@@ -91,6 +91,11 @@ def test_grpo_step_and_rollout_jobs(ctx):
     rollout = bench.run_job_isolated(bench.ALL_JOBS["rollout"], ctx, timeout=300)
     assert rollout["ok"], rollout
     assert rollout["tokens_per_step"] == 3 * 5 and rollout["steps_timed"] == 2  # every sequence ran the full length
+    fast = bench.run_job_here(bench.ALL_JOBS["rollout fast"], ctx)
+    assert fast["ok"] and fast["tokens_per_step"] == 3 * 5 and fast["steps_timed"] == 2, fast
+    # On the CPU in fp32 the fast path's greedy answers are plain generate's, token for token.
+    assert fast["greedy_rows_same"] == 1.0 and fast["graph_equals_eager"]
+    assert "first token 100% same" in bench.table([fast])
 
 
 def test_table_shows_failures_and_figures():

@@ -90,20 +90,23 @@ def heldout_scores(model_dir, adapter_dir, prompts, limits):
     return total, sum(compliance) / len(compliance)
 
 
-def test_grpo_raises_reward_and_compliance_on_heldout_prompts(tiny_model_dir, data_dir, sft_dir, tmp_path):
+@pytest.mark.parametrize("fast", ["true", "false"])
+def test_grpo_raises_reward_and_compliance_on_heldout_prompts(tiny_model_dir, data_dir, sft_dir, tmp_path, fast):
     """The tiny GRPO recipe, after the tiny SFT run, on prompts of held-out trees, each
-    given a word limit: greedy answers score higher and obey the limit more often."""
+    given a word limit: greedy answers score higher and obey the limit more often; with
+    the fast rollouts and with TRL's generate (the same distribution, other draws)."""
     rows = [json.loads(line) for line in (Path(data_dir) / "heldout_prompts.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] if r["word_limit"] else f"{r['prompt']} {TIGHT_LIMIT}" for r in rows]
     limits = [r["word_limit"] or 20 for r in rows]
     assert len(prompts) >= 8
 
     before = heldout_scores(tiny_model_dir, sft_dir, prompts, limits)
-    grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path, "--preview_steps", "0"))
+    grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path, "--preview_steps", "0",
+                               "--fast_rollouts", fast))
     after = heldout_scores(tiny_model_dir, tmp_path, prompts, limits)
     print(f"held-out: reward {before[0]:.3f} -> {after[0]:.3f}, compliance {before[1]:.2f} -> {after[1]:.2f}")
     assert after[0] > before[0] + 0.3
-    assert after[1] > before[1] + 0.2
+    assert after[1] >= before[1] + 2 / len(prompts) - 1e-9  # at least two more prompts obey their limit
 
 
 def test_resumed_grpo_equals_uninterrupted(tiny_model_dir, data_dir, sft_dir, tmp_path):
