@@ -1,33 +1,33 @@
-"""Fast sampling from the current policy, for GRPO's rollouts.
+"""Fast sampling from the current policy, for GRPO's rollouts and the previews.
 
-Plain `generate` on the 4-bit model with a LoRA adapter runs about 1,000 small kernels a
-token through PEFT's and bitsandbytes' Python wrappers: ~100-150 ms a decode step on an
-H100 whatever the batch, 100 to 300 times what reading the weights costs (PERFORMANCE.md).
-This does the same sampling another way:
+Plain `generate` on the 4-bit model with a LoRA adapter launches about 1,000 small kernels
+a token through PEFT's and bitsandbytes' Python wrappers: ~120 ms a decode step on an H100
+whatever the batch, 100 times what reading the weights costs (PERFORMANCE.md). This
+samples the same distribution another way:
 
-1. The policy as it is now: each 4-bit base weight dequantised (PEFT's own helper) plus its
-   LoRA delta (`get_delta_weight`), q/k/v fused into one matrix, the trainable chat-token
-   rows of the embedding and `lm_head` merged (`get_merged_weights`). 16-bit, rebuilt at
-   every call, so the tokens always come from this step's adapter weights.
-2. A static KV cache and a decode step of ~14 kernels a layer, Phi's own computation
-   (parallel attention and MLP, partial rotary, the model's activation), captured once as a
-   CUDA graph and replayed for every token: no Python in the loop.
+1. The policy as it is now: each 4-bit base weight dequantised (PEFT's own helper) plus
+   scaling x B @ A of the active LoRA adapters, and the embedding's and `lm_head`'s
+   trainable chat-token rows (`get_merged_weights`), in 16 bits. Rebuilt at every call
+   (~35 ms for Phi-2 on an H100), so the tokens always come from this step's weights.
+2. Phi's decoder over a static KV cache, written for decoding: q, k, v and fc1 in one
+   matrix product (attention and MLP read the same input), the partial rotary embedding as
+   one batched product, ~11 kernels a layer. The decode step is captured as a CUDA graph
+   (one per 32 cache columns attended) and replayed for every token: no Python per token.
 3. Sampling inside the graph: Gumbel-max on logits / temperature (the same distribution as
-   softmax sampling), or argmax when greedy.
+   softmax sampling; other sampling settings fall back to TRL), or argmax when greedy.
 
-Everything is freed when the call returns: the 16-bit weights (5.2 GiB for Phi-2) and the
-cache exist only while rollouts run, so training keeps its memory. On the CPU the same
-code runs without the graph (the tests compare it with plain `generate`).
+The 16-bit weights (5.2 GiB for Phi-2) and the cache exist only during the call, so
+training keeps its memory. On the CPU the same code runs without the graph: the tests
+compare its tokens with plain `generate`'s.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 CHECK_DONE_EVERY = 16  # decode steps between the (synchronising) "all answers ended?" checks
+ATTEND_STEP = 32  # attention reads the cache up to the next multiple of this: one graph per length
 
 
 def unsupported_reason(model, generation: dict) -> str | None:
@@ -44,6 +44,10 @@ def unsupported_reason(model, generation: dict) -> str | None:
         use_dora = getattr(module, "use_dora", None)
         if isinstance(use_dora, dict) and any(use_dora.values()):
             return "DoRA adapters"
+    for module in base.modules():
+        lora_bias = getattr(module, "lora_bias", None)
+        if isinstance(lora_bias, dict) and any(lora_bias.values()):
+            return "LoRA bias"
     if generation.get("top_p", 1.0) not in (None, 1.0):
         return f"top_p {generation['top_p']}"
     if generation.get("top_k") not in (None, 0):
@@ -58,19 +62,24 @@ def unsupported_reason(model, generation: dict) -> str | None:
 # ---------------------------------------------------------------------------------------
 # 1. The current policy's weights, merged into 16-bit copies
 # ---------------------------------------------------------------------------------------
-def _linear_weight(module, dtype):
-    """A linear layer's effective weight and bias: the base (dequantised if 4-bit) plus the
-    deltas of the active LoRA adapters."""
+def _merge_linear_into(out, module) -> None:
+    """Write a linear layer's effective weight into `out`: the base (dequantised if 4-bit)
+    plus scaling x B @ A of each active LoRA adapter, one matrix product each."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
 
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    weight = dequantize_module_weight(base).to(dtype=torch.float32, copy=True)
+    out.copy_(dequantize_module_weight(base))
     if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
         for name in module.active_adapters:
             if name in module.lora_A:
-                weight += module.get_delta_weight(name).float()
-    return weight.to(dtype), None if base.bias is None else base.bias.detach().to(dtype)
+                out.addmm_(module.lora_B[name].weight.to(out.dtype), module.lora_A[name].weight.to(out.dtype),
+                           alpha=module.scaling[name])
+
+
+def _bias(module, dtype):
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.bias.detach().to(dtype)
 
 
 def _token_weight(module, dtype):
@@ -91,62 +100,83 @@ def _token_weight(module, dtype):
 
 @torch.no_grad()
 def merged_weights(model, dtype) -> dict:
-    """Every weight that decoding reads, as the policy has it now."""
+    """Every weight that decoding reads, as the policy has it now. Phi's attention and MLP
+    read the same normalised input, so q, k, v and fc1 are one matrix ("w_in"): one product
+    of 92 MB instead of four smaller ones; dense's and fc2's biases are added as one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden, inter = base.config.hidden_size, base.config.intermediate_size
+    device = base.model.embed_tokens.weight.device
     layers = []
     for layer in base.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = [_linear_weight(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        layers.append({
-            "ln": (layer.input_layernorm.weight.to(dtype), layer.input_layernorm.bias.to(dtype),
-                   layer.input_layernorm.eps),
-            "qkv": (torch.cat([w for w, _ in qkv]), torch.cat([b for _, b in qkv])),
-            "dense": _linear_weight(attn.dense, dtype),
-            "fc1": _linear_weight(mlp.fc1, dtype),
-            "fc2": _linear_weight(mlp.fc2, dtype),
-            "act": mlp.activation_fn,
-        })
-    norm = base.model.final_layernorm
-    rotary = base.model.rotary_emb
+        ins = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1)
+        w_in = torch.empty(3 * hidden + inter, hidden, dtype=dtype, device=device)
+        for i, module in enumerate(ins):
+            _merge_linear_into(w_in[i * hidden: i * hidden + module.out_features], module)
+        dense = torch.empty(hidden, hidden, dtype=dtype, device=device)
+        fc2 = torch.empty(hidden, inter, dtype=dtype, device=device)
+        _merge_linear_into(dense, attn.dense)
+        _merge_linear_into(fc2, mlp.fc2)
+        norm = layer.input_layernorm
+        layers.append({"ln": (norm.weight.to(dtype), norm.bias.to(dtype), norm.eps), "w_in": w_in,
+                       "b_in": torch.cat([_bias(m, dtype) for m in ins]), "dense_t": dense.t(), "fc2_t": fc2.t(),
+                       "b_out": (_bias(attn.dense, torch.float32) + _bias(mlp.fc2, torch.float32)).to(dtype),
+                       "act": mlp.activation_fn})
+    norm, rotary = base.model.final_layernorm, base.model.rotary_emb
+    heads = base.config.num_attention_heads
+    head_dim, rot = hidden // heads, 2 * rotary.inv_freq.numel()
+    rotate_half = torch.zeros(rot, rot, dtype=dtype, device=device)  # x @ rotate_half == cat(-x2, x1)
+    rotate_half[torch.arange(rot // 2, rot), torch.arange(rot // 2)] = -1
+    rotate_half[torch.arange(rot // 2), torch.arange(rot // 2, rot)] = 1
     return {"layers": layers, "embed": _token_weight(base.model.embed_tokens, dtype)[0],
             "final_ln": (norm.weight.to(dtype), norm.bias.to(dtype), norm.eps),
-            "lm_head": _token_weight(base.lm_head, dtype),
+            "lm_head": _token_weight(base.lm_head, dtype), "rotate_half": rotate_half,
+            "eye": torch.eye(head_dim, dtype=dtype, device=device),
             "inv_freq": rotary.inv_freq.float(), "rope_scale": float(getattr(rotary, "attention_scaling", 1.0)),
-            "heads": base.config.num_attention_heads, "head_dim": layers[0]["qkv"][0].shape[1] // base.config.num_attention_heads,
-            "rotary_dim": 2 * rotary.inv_freq.numel()}
+            "heads": heads, "head_dim": head_dim, "rotary_dim": rot, "hidden": hidden}
 
 
 # ---------------------------------------------------------------------------------------
 # 2. Phi's forward over a static KV cache
 # ---------------------------------------------------------------------------------------
-def _rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def forward(w: dict, cache: list, tokens, positions, columns, mask):
-    """Phi's decoder for `tokens` [B, T] at `positions` [B, T], their keys and values
-    written to cache `columns` [T]; `mask` [B, 1, T, L] is added to the attention scores.
-    Returns the last position's hidden state after the final layer norm, [B, hidden]."""
-    heads, head_dim, rot = w["heads"], w["head_dim"], w["rotary_dim"]
-    batch, length = tokens.shape
-    x = F.embedding(tokens, w["embed"])
-    freqs = positions.float()[..., None] * w["inv_freq"]
+def _rotations(positions, w, dtype):
+    """The partial rotary embedding as one matrix a position, [N, head_dim, head_dim]:
+    x @ M equals Phi's x * cos + rotate_half(x) * sin on the first `rotary_dim` dims and
+    leaves the rest, so q and k of every head turn in one batched product, read in place."""
+    freqs = positions.float()[:, None] * w["inv_freq"]
     angles = torch.cat((freqs, freqs), dim=-1)
-    cos = (angles.cos() * w["rope_scale"]).to(x.dtype)[:, :, None, None, :]
-    sin = (angles.sin() * w["rope_scale"]).to(x.dtype)[:, :, None, None, :]
-    for lw, kv_cache in zip(w["layers"], cache):
-        h = F.layer_norm(x, (x.shape[-1],), *lw["ln"])
-        qkv = F.linear(h, *lw["qkv"]).view(batch, length, 3, heads, head_dim)
-        qk_rot = qkv[:, :, :2, :, :rot]
-        qk_rot.copy_(_rotate(qk_rot, cos, sin))
-        kv_cache.index_copy_(3, columns, qkv[:, :, 1:].permute(0, 2, 3, 1, 4))  # [B, 2, H, T, D]
-        q = qkv[:, :, 0].transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, kv_cache[:, 0], kv_cache[:, 1], attn_mask=mask)
-        attn = attn.transpose(1, 2).reshape(batch, length, heads * head_dim)
-        mlp = F.linear(lw["act"](F.linear(h, *lw["fc1"])), *lw["fc2"])
-        x = x + F.linear(attn, *lw["dense"]) + mlp
-    return F.layer_norm(x[:, -1], (x.shape[-1],), *w["final_ln"])
+    cos = (angles.cos() * w["rope_scale"]).to(dtype)
+    sin = (angles.sin() * w["rope_scale"]).to(dtype)
+    rot = w["rotary_dim"]
+    turn = w["eye"].expand(len(positions), -1, -1).clone()
+    turn[:, :rot, :rot] = torch.diag_embed(cos) + w["rotate_half"] * sin[:, None, :]
+    return turn
+
+
+def forward(w: dict, cache: list, tokens, positions, columns, mask, attend: int | None = None):
+    """Phi's decoder for `tokens` [B, T] at `positions` [B, T], their keys and values
+    written to cache `columns` [T]; attention over the first `attend` cache columns, with
+    `mask` [B, 1, T, L] added to the scores. Returns the last position's hidden state after
+    the final layer norm, [B, hidden]."""
+    heads, head_dim, hidden = w["heads"], w["head_dim"], w["hidden"]
+    batch, length = tokens.shape
+    rows = batch * length
+    attend = attend or cache[0].shape[3]
+    x = F.embedding(tokens, w["embed"]).view(rows, hidden)
+    turn = _rotations(positions.reshape(rows), w, x.dtype)
+    mask = mask[..., :attend]
+    for lw, kv in zip(w["layers"], cache):
+        y = F.linear(F.layer_norm(x, (hidden,), *lw["ln"]), lw["w_in"], lw["b_in"])  # [q | k | v | fc1]
+        qk = torch.bmm(y[:, :2 * hidden].view(rows, 2 * heads, head_dim), turn).view(batch, length, 2, heads, head_dim)
+        v = y[:, 2 * hidden: 3 * hidden].view(batch, length, heads, head_dim)
+        kv[:, 0].index_copy_(2, columns, qk[:, :, 1].transpose(1, 2))
+        kv[:, 1].index_copy_(2, columns, v.transpose(1, 2))
+        attn = F.scaled_dot_product_attention(qk[:, :, 0].transpose(1, 2), kv[:, 0, :, :attend],
+                                              kv[:, 1, :, :attend], attn_mask=mask)
+        x = torch.addmm(x, attn.transpose(1, 2).reshape(rows, hidden), lw["dense_t"])
+        x = torch.addmm(x, lw["act"](y[:, 3 * hidden:]), lw["fc2_t"])
+        x += lw["b_out"]
+    return F.layer_norm(x.view(batch, length, hidden)[:, -1], (hidden,), *w["final_ln"])
 
 
 def pick_tokens(logits, temperature: float):
@@ -158,7 +188,7 @@ def pick_tokens(logits, temperature: float):
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Sampling: prefill eagerly, then one captured decode step replayed per token
+# 3. Sampling: prefill eagerly, then a captured decode step replayed per token
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float,
@@ -173,7 +203,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperatu
     use_graph = device.type == "cuda" if use_graph is None else use_graph
     w = merged_weights(model, dtype)
     batch, prompt_len = input_ids.shape
-    total = -(-(prompt_len + max_new_tokens) // 16) * 16  # aligned: the memory-efficient sdpa kernel takes the mask
+    total = -(-(prompt_len + max_new_tokens) // ATTEND_STEP) * ATTEND_STEP
     heads, head_dim = w["heads"], w["head_dim"]
     cache = [torch.zeros(batch, 2, heads, total, head_dim, device=device, dtype=dtype) for _ in w["layers"]]
     blocked = torch.finfo(dtype).min
@@ -201,10 +231,10 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperatu
              "done": done, "bias": torch.zeros(batch, 1, 1, total, dtype=dtype, device=device).masked_fill_(
                  ~valid[:, None, None, :], blocked)}
 
-    def decode_step():
+    def decode_step(attend):
         s = state
         s["bias"].index_fill_(3, s["column"], 0)  # the new token sees itself
-        h = forward(w, cache, s["token"], s["position"], s["column"], s["bias"])
+        h = forward(w, cache, s["token"], s["position"], s["column"], s["bias"], attend)
         nxt = pick_tokens(F.linear(h, *w["lm_head"]).float(), temperature)
         nxt = torch.where(s["done"], torch.full_like(nxt, pad_token_id), nxt)
         out.index_copy_(1, s["step"], nxt[:, None])
@@ -214,26 +244,27 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperatu
         s["column"].add_(1)
         s["step"].add_(1)
 
-    graph = None
+    graphs, pool = {}, None
     for step in range(1, max_new_tokens):
         if step % CHECK_DONE_EVERY == 0 and bool(state["done"].all()):
             break
-        if graph is not None:
-            graph.replay()
-        elif use_graph and step >= 2:  # step 1 ran eagerly: that was the warm-up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                decode_step()
-            graph.replay()
+        attend = min(total, -(-(prompt_len + step) // ATTEND_STEP) * ATTEND_STEP)  # this step's column, included
+        if not use_graph:
+            decode_step(attend)
+        elif attend in graphs:
+            graphs[attend].replay()
+        elif step == 1:  # the warm-up, on a side stream as capture wants
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                decode_step(attend)
+            torch.cuda.current_stream().wait_stream(stream)
         else:
-            stream = torch.cuda.Stream() if use_graph else None
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                decode_step()
-            if stream is not None:
-                torch.cuda.current_stream().wait_stream(stream)
-    del graph, cache, w
+            graph = graphs[attend] = torch.cuda.CUDAGraph()
+            pool = pool or torch.cuda.graph_pool_handle()  # shared: the graphs never run at once
+            with torch.cuda.graph(graph, pool=pool):
+                decode_step(attend)
+            graph.replay()
     return out
 
 

@@ -208,7 +208,8 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
                                              every=script_args.preview_steps,
                                              max_new_tokens=script_args.preview_max_new_tokens,
-                                             max_share=script_args.preview_max_share))
+                                             max_share=script_args.preview_max_share,
+                                             fast=script_args.fast_rollouts))
 
     train_guarded(trainer, resume_from, {
         "per_device_train_batch_size": training_args.per_device_train_batch_size,

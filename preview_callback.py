@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
+import fast_rollouts
 from common import END, count_words, format_prompt
 
 # One per thing the runs should change: chat style, stopping, a word limit, code.
@@ -29,9 +30,10 @@ DEFAULT_PROMPTS = [
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
-                     batch_size: int = 8) -> list[dict]:
-    """Greedy answers in the chat format, batched. Puts back what it changes: the
-    model's train mode and the tokenizer's padding side."""
+                     batch_size: int = 8, fast: bool = False) -> list[dict]:
+    """Greedy answers in the chat format, batched. `fast`: through `fast_rollouts` (the
+    same greedy decoding, 20x faster on a GPU; plain `generate` where it can't). Puts back
+    what it changes: the model's train mode and the tokenizer's padding side."""
     was_training, padding_side = model.training, tokenizer.padding_side
     end_id = tokenizer.convert_tokens_to_ids(END)
     config = GenerationConfig(
@@ -50,8 +52,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
             batch = prompts[i : i + batch_size]
             enc = tokenizer([format_prompt(p) for p in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            out = model.generate(**enc, generation_config=config)
-            for prompt, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+            new_tokens = fast_greedy(model, tokenizer, enc, max_new_tokens, end_id) if fast else None
+            if new_tokens is None:
+                fast = False  # for the next batches too
+                new_tokens = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+            for prompt, ids in zip(batch, new_tokens):
                 ids = ids.tolist()
                 ended = end_id in ids
                 text = tokenizer.decode(ids[: ids.index(end_id)] if ended else ids, skip_special_tokens=True)
@@ -63,18 +68,31 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     return answers
 
 
+def fast_greedy(model, tokenizer, enc, max_new_tokens: int, end_id: int):
+    """fast_rollouts' greedy tokens, or None where it can't run this model (or out of memory)."""
+    if fast_rollouts.unsupported_reason(model, {}):
+        return None
+    try:
+        return fast_rollouts.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                      temperature=0.0, eos_token_ids=[end_id], pad_token_id=tokenizer.pad_token_id)
+    except torch.OutOfMemoryError:  # its 16-bit weights beside training's memory: plain generate instead
+        torch.cuda.empty_cache()
+        return None
+
+
 class PreviewCallback(TrainerCallback):
     """Generate answers to `prompts` at step 0 (the untrained baseline), every `every`
     optimizer steps, and after the last step. Only the main process generates; the others
     go on to the next step and wait for it there, at the gradient sync."""
 
     def __init__(self, tokenizer, output_dir: str | Path, prompts: list[str] | None = None,
-                 every: int = 100, max_new_tokens: int = 128, max_share: float = 0.0):
+                 every: int = 100, max_new_tokens: int = 128, max_share: float = 0.0, fast: bool = True):
         self.tokenizer = tokenizer
         self.output_dir = Path(output_dir)
         self.prompts = list(prompts or DEFAULT_PROMPTS)
         self.every = every
         self.max_new_tokens = max_new_tokens
+        self.fast = fast  # fast_rollouts' greedy decoding (plain generate where it can't)
         self.max_share = max_share  # of the training time, for the previews between the first and the last (0: no cap)
         self.last_step = None
         self.seconds = 0.0  # time spent generating, to weigh against training time
@@ -111,7 +129,7 @@ class PreviewCallback(TrainerCallback):
             return None
         self.last_step = state.global_step
         start = time.perf_counter()
-        answers = generate_answers(model, self.tokenizer, self.prompts, self.max_new_tokens)
+        answers = generate_answers(model, self.tokenizer, self.prompts, self.max_new_tokens, fast=self.fast)
         self.last_seconds = time.perf_counter() - start
         self.seconds += self.last_seconds
         self.write(state.global_step, answers)

@@ -49,6 +49,21 @@ def test_generation_restores_flags_and_is_deterministic(model_and_tokenizer):
     assert all(a["answer"] for a in first)
 
 
+def test_fast_previews_equal_plain_ones(model_and_tokenizer, monkeypatch):
+    """The callback's default, fast_rollouts' greedy decoding, gives plain generate's text
+    (fp32 on the CPU), and it really ran: a base model without adapters here, a PeftModel
+    in test_fast_rollouts.py."""
+    import fast_rollouts
+
+    model, tokenizer = model_and_tokenizer
+    calls = []
+    real = fast_rollouts.generate
+    monkeypatch.setattr(fast_rollouts, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24, batch_size=3, fast=True)
+    assert len(calls) == 2  # two batches
+    assert fast == generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24)
+
+
 def test_only_the_main_process_generates(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     callback = PreviewCallback(tokenizer, tmp_path, ["Hi"], every=1, max_new_tokens=4)
