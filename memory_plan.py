@@ -9,8 +9,10 @@ keeping the effective batch.
     python memory_plan.py --hidden_act gelu_pytorch_tanh         # as if Phi-2's gelu ran as one kernel
 
 The estimate is the peak of `torch.cuda.max_memory_allocated()`: the weights (NF4 or 16-bit),
-the adapter with its AdamW state, and the activations of the longest micro-batch, whose bytes
-a token were measured on a Phi-2-shaped model (benchmarks/bench_gpu.py; PERFORMANCE.md lists
+the adapter with its AdamW state, and the larger of two moments: training on the longest
+micro-batch, or sampling through fast_rollouts.py (GRPO's rollouts, the previews), which holds
+a 16-bit copy of the policy and a KV cache. Training's bytes a token were measured on a
+Phi-2-shaped model (benchmarks/bench_gpu.py; PERFORMANCE.md lists
 each measured peak beside its estimate). A GPU needs room beyond that for the CUDA context
 and the allocator's slack: a plan fits when `1.1 x peak + 0.5 GiB` is within `--gpu_gib`.
 Importable: `estimate(recipe_dict)`, `auto_plan(recipe_dict, gpu_gib, gpu)`.
@@ -148,22 +150,16 @@ def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
     micro = number(recipe, "per_device_train_batch_size", 8)
     checkpointing = bool(recipe.get("gradient_checkpointing", True))
     parts = {"weights": weights, "adapter+optimizer": adapter}
+    layers, h, vocab = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
     if is_grpo(recipe):
         prompt = number(recipe, "prompt_tokens", number(recipe, "max_prompt_tokens", 192))
         completion = number(recipe, "max_completion_length", 256)
         generation_batch = micro * number(recipe, "gradient_accumulation_steps", 1)
-        layers, h, vocab = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
         # A second, frozen copy of the adapter (the KL reference), fp32 weights only.
         parts["adapter+optimizer"] += (adapter - vocab * h * 4) / 4
         sampling = generation_batch * vocab * 4 * 4  # fp32 logits, softmax and sampling buffers a token
         if recipe.get("fast_rollouts", True):
-            # fast_rollouts.py while it samples: the policy merged in 16 bits (every linear layer, the
-            # embedding and lm_head), its cache in blocks of 32 columns, and the prompt's forward.
-            m = shape["intermediate_size"]
-            merged = (layers * (4 * h * h + 2 * h * m) + 2 * vocab * h) * 2
-            columns = -(-(prompt + completion) // 32) * 32
-            prefill = generation_batch * prompt * (4 * h + m) * 2 * 2
-            generation = merged + generation_batch * columns * layers * 2 * h * 2 + prefill
+            generation = fast_sampling_bytes(shape, generation_batch, prompt, completion)
         else:  # TRL's generate: its KV cache
             generation = generation_batch * (prompt + completion) * layers * 2 * h * 2
         training = micro * (prompt + completion) * act_bytes_per_token(recipe, checkpointing)
@@ -172,9 +168,23 @@ def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
     else:
         length = number(recipe, "max_length", 1024)
         parts["activations"] = micro * length * act_bytes_per_token(recipe, checkpointing)
+        if int(recipe.get("preview_steps", 0) or 0) > 0 and recipe.get("fast_previews", True):
+            # Previews through fast_rollouts: at most 8 prompts (of ~64 tokens) at once.
+            preview = fast_sampling_bytes(shape, 8, 64, number(recipe, "preview_max_new_tokens", 128))
+            parts["activations"] = max(parts["activations"], preview)
     peak = sum(parts.values()) / GIB
     need = SLACK_FACTOR * peak + CONTEXT_GIB
     return Estimate(peak, {k: v / GIB for k, v in parts.items()}, need <= gpu_gib, need)
+
+
+def fast_sampling_bytes(shape: dict, batch: int, prompt: int, new_tokens: int) -> float:
+    """fast_rollouts.py while it samples: the policy merged in 16 bits (every linear layer, the
+    embedding and lm_head), its KV cache in blocks of 32 columns, and the prompt's forward."""
+    layers, h, m, vocab = (shape[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"))
+    merged = (layers * (4 * h * h + 2 * h * m) + 2 * vocab * h) * 2
+    columns = -(-(prompt + new_tokens) // 32) * 32
+    prefill = batch * prompt * (4 * h + m) * 2 * 2
+    return merged + batch * columns * layers * 2 * h * 2 + prefill
 
 
 def step_seconds(recipe: dict, micro: int, accumulation: int, checkpointing: bool, gpu: str) -> float:
@@ -195,9 +205,10 @@ def auto_plan(recipe: dict, gpu_gib: float = 15.0, gpu: str = "t4") -> tuple[dic
         micros = [m for m in range(1, effective + 1) if effective % m == 0 and m % generations == 0]
     else:
         micros = [m for m in range(1, effective + 1) if effective % m == 0]
-    # GRPO's fast rollouts (5x faster steps) hold a 16-bit copy of the policy while sampling;
-    # where that can't fit, TRL's generate is the plan.
-    rollouts = [{}] if not is_grpo(recipe) or not recipe.get("fast_rollouts", True) else [{}, {"fast_rollouts": False}]
+    # GRPO's fast rollouts (5x faster steps) and the fast previews hold a 16-bit copy of the
+    # policy while they sample; where that can't fit, plain generate is the plan.
+    fast = "fast_rollouts" if is_grpo(recipe) else "fast_previews"
+    rollouts = [{}, {fast: False}] if recipe.get(fast, True) else [{}]
     plans = []
     for extra in rollouts:
         for micro in micros:

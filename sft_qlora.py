@@ -65,6 +65,11 @@ class ScriptArguments:
                                         "training time (0: never skip); the first and last always run"}
     )
     preview_max_new_tokens: int = field(default=128, metadata={"help": "length cap of each preview answer"})
+    fast_previews: bool = field(
+        default=True, metadata={"help": "decode previews with fast_rollouts.py: ~20x faster on a GPU, but holds a "
+                                        "16-bit copy of the model (5.2 GiB for Phi-2) while they run; false: "
+                                        "plain generate"}
+    )
     keep_effective_batch: bool = field(
         default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
     )
@@ -153,7 +158,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     if script_args.preview_steps > 0:
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, prompts, every=script_args.preview_steps,
                                              max_new_tokens=script_args.preview_max_new_tokens,
-                                             max_share=script_args.preview_max_share))
+                                             max_share=script_args.preview_max_share,
+                                             fast=script_args.fast_previews))
     fix_lm_head_bias(trainer.model)
     upcast_trainable_params(trainer.model)
     if trainer.is_world_process_zero():

@@ -13,13 +13,15 @@ from conftest import ROOT
 
 SFT = mp.load_recipe(ROOT / "recipes" / "sft_phi2_t4.yaml")
 GRPO = mp.load_recipe(ROOT / "recipes" / "grpo_phi2_t4.yaml")
+# Training's own terms, without the fast previews' 16-bit copy (which would hide them under a max).
+SFT_TRAINING = {**SFT, "fast_previews": False}
 
 
 def peak(recipe, **changes):
     return mp.estimate({**recipe, **changes}).peak_gib
 
 
-@pytest.mark.parametrize("recipe", [SFT, GRPO], ids=["sft", "grpo"])
+@pytest.mark.parametrize("recipe", [SFT_TRAINING, GRPO], ids=["sft", "grpo"])
 def test_peak_grows_with_batch_and_length(recipe):
     length = "max_completion_length" if mp.is_grpo(recipe) else "max_length"
     for ckpt in (True, False):
@@ -33,6 +35,7 @@ def test_peak_grows_with_batch_and_length(recipe):
 
 
 def test_what_the_measurements_said():
+    SFT = SFT_TRAINING
     # Without checkpointing, gelu_new's saved tensors and LoRA dropout's copies cost memory;
     # with it they live for one layer only.
     free = {"gradient_checkpointing": False, "per_device_train_batch_size": 8}
@@ -43,6 +46,12 @@ def test_what_the_measurements_said():
     assert peak(SFT, hidden_act="gelu_new", **ckpt) > peak(SFT, hidden_act="gelu_pytorch_tanh", **ckpt)
     # The accumulation steps do not change a micro-batch's memory.
     assert peak(SFT, gradient_accumulation_steps=8) == peak(SFT, gradient_accumulation_steps=1)
+
+
+def test_fast_sampling_costs_a_16_bit_copy_while_it_runs():
+    copy = peak(SFT) - peak(SFT_TRAINING)
+    assert 5 < peak(GRPO) - peak(GRPO, fast_rollouts=False) and 3 < copy < 6.5
+    assert peak(SFT, preview_steps=0) == peak(SFT_TRAINING)
 
 
 def test_the_t4_recipes_fit_a_t4():
@@ -62,10 +71,11 @@ def test_auto_fits_and_keeps_the_effective_batch(recipe, gpu_gib, gpu):
     assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == effective
     assert est.fits and est.need_gib <= gpu_gib
     assert mp.estimate({**recipe, **plan}, gpu_gib).peak_gib == est.peak_gib
+    # fast rollouts' and previews' 16-bit policy copy (5.2 GiB) fits from a T4 up, not in 8 GiB
+    fast = "fast_rollouts" if mp.is_grpo(recipe) else "fast_previews"
+    assert plan.get(fast, True) == (gpu_gib >= 15)
     if mp.is_grpo(recipe):
         assert plan["per_device_train_batch_size"] % recipe["num_generations"] == 0
-        # fast rollouts' 16-bit policy copy (5.2 GiB) fits from a T4 up, not in 8 GiB
-        assert plan.get("fast_rollouts", True) == (gpu_gib >= 15)
 
 
 def test_auto_prefers_more_tokens_a_step_on_a_larger_gpu():
