@@ -249,6 +249,21 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
         raise InputError(f"{argv[argv.index('--config') + 1]}: {e}") from None
 
 
+def parse_script_args(dataclass_type, argv: list[str]):
+    """The arguments of a script with one dataclass (evaluate.py, export_model.py), from
+    flags and an optional `--config my.yaml`, checked as a recipe is."""
+    from trl import TrlParser
+
+    argv = list(argv)
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        check_recipe(argv[argv.index("--config") + 1], (dataclass_type,))
+    try:
+        (args,) = TrlParser([dataclass_type]).parse_args_and_config(argv)
+    except ValueError as e:  # an unknown flag: one line, not a traceback
+        raise InputError(f"{e}; --help lists every option") from None
+    return args
+
+
 def split_batch_over_processes(parsed) -> list[str]:
     """Under `accelerate launch --num_processes N`, the flags that keep the recipe's
     effective batch (micro-batch x accumulation x processes): the accumulation is divided

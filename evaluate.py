@@ -48,6 +48,7 @@ from common import (
     load_adapter,
     load_base_model,
     load_chat_tokenizer,
+    parse_script_args,
     pick_dtype,
     read_prompt_rows,
     write_atomic,
@@ -308,13 +309,7 @@ def main(args: EvalArguments) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalArguments:
-    from trl import TrlParser  # --config my_eval.yaml works too, as for the training scripts
-
-    try:
-        (args,) = TrlParser([EvalArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:  # an unknown flag: one line, not a traceback
-        raise InputError(f"{e}; --help lists every option") from None
-    return args
+    return parse_script_args(EvalArguments, sys.argv[1:] if argv is None else argv)  # --config my.yaml works too
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from common import (
     load_adapter,
     load_base_model,
     load_chat_tokenizer,
+    parse_script_args,
     pick_dtype,
     write_atomic,
     _umask,
@@ -241,13 +242,7 @@ def main(args: ExportArguments) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> ExportArguments:
-    from trl import TrlParser
-
-    try:
-        (args,) = TrlParser([ExportArguments]).parse_args_and_config(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:  # an unknown flag: one line, not a traceback
-        raise InputError(f"{e}; --help lists every option") from None
-    return args
+    return parse_script_args(ExportArguments, sys.argv[1:] if argv is None else argv)  # --config my.yaml works too
 
 
 if __name__ == "__main__":

@@ -41,13 +41,10 @@ def unsupported_reason(model, generation: dict) -> str | None:
     if config.num_key_value_heads != config.num_attention_heads:
         return "grouped key/value heads"
     for module in base.modules():
-        use_dora = getattr(module, "use_dora", None)
-        if isinstance(use_dora, dict) and any(use_dora.values()):
-            return "DoRA adapters"
-    for module in base.modules():
-        lora_bias = getattr(module, "lora_bias", None)
-        if isinstance(lora_bias, dict) and any(lora_bias.values()):
-            return "LoRA bias"
+        for option, name in (("use_dora", "DoRA adapters"), ("lora_bias", "LoRA bias")):
+            value = getattr(module, option, None)
+            if isinstance(value, dict) and any(value.values()):
+                return name
     if generation.get("top_p", 1.0) not in (None, 1.0):
         return f"top_p {generation['top_p']}"
     if generation.get("top_k") not in (None, 0):

@@ -139,6 +139,12 @@ def test_bad_input_stops_before_a_model_loads(sample_data_dir, adapters, tmp_pat
 def test_command_line_error_is_one_line(tmp_path):
     with pytest.raises(common.InputError, match=r"not used by the HfArgumentParser: \['--max_tokens', '5'\]"):
         evaluate.parse_args(["--max_tokens", "5"])  # a misspelt flag
+    config = tmp_path / "my_eval.yaml"
+    config.write_text("models: sft\nmax_new_tokns: 5\n")  # a misspelt key, checked as recipes are
+    with pytest.raises(common.InputError, match=r"my_eval.yaml:2: unknown key 'max_new_tokns'; did you mean"):
+        evaluate.parse_args(["--config", str(config)])
+    config.write_text("models: sft\nmax_new_tokens: 5\n")
+    assert evaluate.parse_args(["--config", str(config)]).max_new_tokens == 5
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--models", "sft",
                              "--sft_adapter", str(tmp_path / "none")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2

@@ -124,6 +124,19 @@ def test_sampling_settings_it_cannot_reproduce_are_named(policy):
     assert fr.unsupported_reason(model, {"repetition_penalty": 1.1}) == "repetition_penalty 1.1"
 
 
+@pytest.mark.parametrize("option,reason", [("use_dora", "DoRA adapters"), ("lora_bias", "LoRA bias")])
+def test_adapters_it_cannot_merge_are_named(tiny_model_dir, option, reason):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32, load_in_4bit=False)
+    plain_lora = get_peft_model(model, LoraConfig(target_modules=["q_proj", "fc1"]))
+    assert fr.unsupported_reason(plain_lora, {}) is None
+    model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32, load_in_4bit=False)
+    assert fr.unsupported_reason(get_peft_model(model, LoraConfig(target_modules=["q_proj", "fc1"], **{option: True})),
+                                 {}) == reason
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(policy):
     model, tokenizer, enc = policy
