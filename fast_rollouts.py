@@ -30,9 +30,14 @@ CHECK_DONE_EVERY = 16  # decode steps between the (synchronising) "all answers e
 ATTEND_STEP = 32  # attention reads the cache up to the next multiple of this: one graph per length
 
 
+def _base(model):
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unsupported_reason(model, generation: dict) -> str | None:
     """Why the fast path can't reproduce this sampling (None when it can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = base.config
     if config.model_type != "phi":
         return f"model type {config.model_type!r} (only Phi)"
@@ -100,7 +105,7 @@ def merged_weights(model, dtype) -> dict:
     """Every weight that decoding reads, as the policy has it now. Phi's attention and MLP
     read the same normalised input, so q, k, v and fc1 are one matrix ("w_in"): one product
     of 92 MB instead of four smaller ones; dense's and fc2's biases are added as one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     hidden, inter = base.config.hidden_size, base.config.intermediate_size
     device = base.model.embed_tokens.weight.device
     layers = []
@@ -192,7 +197,7 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperatu
              eos_token_ids, pad_token_id: int, dtype=None, use_graph: bool | None = None):
     """New tokens [B, max_new_tokens] for left-padded prompts, sampled from the model as its
     weights are now; after a row's first end token, `pad_token_id`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     device = input_ids.device
     dtype = dtype or base.config.dtype or torch.float32
     if isinstance(dtype, str):
@@ -263,6 +268,16 @@ def generate(model, input_ids, attention_mask, *, max_new_tokens: int, temperatu
                 decode_step(attend)
             graph.replay()
     return out
+
+
+def generate_or_none(*args, **kwargs):
+    """`generate`, or None when its 16-bit weights and cache don't fit beside what the GPU
+    already holds (training's memory): the caller falls back to plain `generate`."""
+    try:
+        return generate(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
 
 
 def completion_lists(new_tokens, eos_token_ids) -> list[list[int]]:

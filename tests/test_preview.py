@@ -64,6 +64,18 @@ def test_fast_previews_equal_plain_ones(model_and_tokenizer, monkeypatch):
     assert fast == generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24)
 
 
+def test_fast_previews_fall_back_to_plain_generate_out_of_memory(model_and_tokenizer, monkeypatch):
+    import fast_rollouts
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(fast_rollouts, "generate", no_memory)
+    fast = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12, fast=True)
+    assert fast == generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12)
+
+
 def test_only_the_main_process_generates(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     callback = PreviewCallback(tokenizer, tmp_path, ["Hi"], every=1, max_new_tokens=4)
