@@ -46,7 +46,10 @@ def fast(model, tokenizer, enc, n, temperature=0.0):
                        dtype=torch.float32)
 
 
-def test_greedy_tokens_equal_plain_generate(policy):
+@pytest.mark.parametrize("attend_step", [fr.ATTEND_STEP, 1])
+def test_greedy_tokens_equal_plain_generate(policy, attend_step, monkeypatch):
+    """At 1, attention reads exactly the filled cache columns: a new length (a graph on a GPU) each token."""
+    monkeypatch.setattr(fr, "ATTEND_STEP", attend_step)
     model, tokenizer, enc = policy
     expected = plain(model, tokenizer, enc, 40)
     assert torch.equal(fast(model, tokenizer, enc, 40), expected)
