@@ -136,7 +136,7 @@ def restore_sft_weights(model, sft_weights: dict) -> None:
 
 class FastRolloutGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts come from `fast_rollouts.generate`: the same sampling from
-    the policy as it is at this step, ~16x the new tokens/s of plain `generate` on an
+    the policy as it is at this step, ~18x the new tokens/s of plain `generate` on an
     H100 (PERFORMANCE.md). Falls back to TRL's path for what the fast one doesn't do."""
 
     fallback_reason: str | None = None

@@ -32,7 +32,7 @@ DEFAULT_PROMPTS = [
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
                      batch_size: int = 8, fast: bool = False) -> list[dict]:
     """Greedy answers in the chat format, batched. `fast`: through `fast_rollouts` (the
-    same greedy decoding, ~16x faster on an H100; plain `generate` where it can't). Puts back
+    same greedy decoding, ~18x faster on an H100; plain `generate` where it can't). Puts back
     what it changes: the model's train mode and the tokenizer's padding side."""
     was_training, padding_side = model.training, tokenizer.padding_side
     end_id = tokenizer.convert_tokens_to_ids(END)
