@@ -177,12 +177,15 @@ def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
     return Estimate(peak, {k: v / GIB for k, v in parts.items()}, need <= gpu_gib, need)
 
 
+CACHE_STEP = 32  # fast_rollouts.CACHE_STEP (not imported: the planner runs before torch loads)
+
+
 def fast_sampling_bytes(shape: dict, batch: int, prompt: int, new_tokens: int) -> float:
     """fast_rollouts.py while it samples: the policy merged in 16 bits (every linear layer, the
-    embedding and lm_head), its KV cache in blocks of 32 columns, and the prompt's forward."""
+    embedding and lm_head), its KV cache in blocks of CACHE_STEP columns, and the prompt's forward."""
     layers, h, m, vocab = (shape[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"))
     merged = (layers * (4 * h * h + 2 * h * m) + 2 * vocab * h) * 2
-    columns = -(-(prompt + new_tokens) // 32) * 32
+    columns = -(-(prompt + new_tokens) // CACHE_STEP) * CACHE_STEP
     prefill = batch * prompt * (4 * h + m) * 2 * 2
     return merged + batch * columns * layers * 2 * h * 2 + prefill
 

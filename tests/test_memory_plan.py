@@ -54,6 +54,12 @@ def test_fast_sampling_costs_a_16_bit_copy_while_it_runs():
     assert peak(SFT, preview_steps=0) == peak(SFT_TRAINING)
 
 
+def test_the_cache_rounds_as_fast_rollouts_does():
+    import fast_rollouts
+
+    assert mp.CACHE_STEP == fast_rollouts.CACHE_STEP
+
+
 def test_the_t4_recipes_fit_a_t4():
     assert mp.estimate(SFT, 15).fits and mp.estimate(GRPO, 15).fits
     assert not mp.estimate({**SFT, "per_device_train_batch_size": 32, "gradient_checkpointing": False}, 15).fits
