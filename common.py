@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # ---------------------------------------------------------------------------------------
@@ -212,6 +213,22 @@ def pick_dtype(requested: str | None = "auto"):
         return torch.float32
     major, _ = torch.cuda.get_device_capability()
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+@dataclass
+class RunArguments:
+    """The options both training scripts' ScriptArguments add to TRL's config."""
+
+    preview_max_share: float = field(
+        default=0.02, metadata={"help": "skip a scheduled preview if previews would pass this share of the "
+                                        "training time (0: never skip); the first and last always run"}
+    )
+    keep_effective_batch: bool = field(
+        default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the latest complete checkpoint in output_dir, if any"}
+    )
 
 
 def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:

@@ -28,6 +28,7 @@ import fast_rollouts
 import rewards
 from common import (
     InputError,
+    RunArguments,
     check_limit,
     claim_output_dir,
     count_words,
@@ -57,7 +58,7 @@ PREVIEW_PROMPTS = [
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(RunArguments):
     sft_adapter: str = field(default="outputs/phi2-oasst1-qlora", metadata={"help": "sft_qlora.py's output dir"})
     prompts_file: str = field(default="data/grpo_prompts.jsonl", metadata={"help": "data_prep.py's GRPO prompts"})
     max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
@@ -66,15 +67,7 @@ class ScriptArguments:
     )
     preview_steps: int = field(default=50, metadata={"help": "generate previews every N optimizer steps (0: never)"})
     preview_prompts_file: str | None = field(default=None, metadata={"help": "default: word-limited prompts"})
-    preview_max_share: float = field(
-        default=0.02, metadata={"help": "skip a scheduled preview if previews would pass this share of the "
-                                        "training time (0: never skip); the first and last always run"}
-    )
     preview_max_new_tokens: int = field(default=160, metadata={"help": "length cap of each preview answer"})
-    keep_effective_batch: bool = field(
-        default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
-    )
-    resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint"})
     fast_rollouts: bool = field(
         default=True, metadata={"help": "sample rollouts with fast_rollouts.py (the current weights merged, a "
                                         "CUDA-graph decoder); false: TRL's plain generate"}

@@ -29,6 +29,7 @@ from common import (
     END,
     ROLE_TOKENS,
     InputError,
+    RunArguments,
     check_limit,
     claim_output_dir,
     chat_token_ids,
@@ -52,7 +53,7 @@ DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(RunArguments):
     train_file: str = field(default="data/train.jsonl", metadata={"help": "data_prep.py's train.jsonl"})
     eval_file: str | None = field(default="data/eval.jsonl", metadata={"help": "held-out conversations; '' for none"})
     max_train_examples: int | None = field(default=32000, metadata={"help": "use at most this many train examples"})
@@ -60,21 +61,11 @@ class ScriptArguments:
     preview_prompts_file: str | None = field(
         default=None, metadata={"help": ".jsonl of {'prompt': ...} or .txt, one per line; default: built-in prompts"}
     )
-    preview_max_share: float = field(
-        default=0.02, metadata={"help": "skip a scheduled preview if previews would pass this share of the "
-                                        "training time (0: never skip); the first and last always run"}
-    )
     preview_max_new_tokens: int = field(default=128, metadata={"help": "length cap of each preview answer"})
     fast_previews: bool = field(
-        default=True, metadata={"help": "decode previews with fast_rollouts.py: ~16x faster on an H100, but holds a "
+        default=True, metadata={"help": "decode previews with fast_rollouts.py: ~18x faster on an H100, but holds a "
                                         "16-bit copy of the model (5.2 GiB for Phi-2) while they run; false: "
                                         "plain generate"}
-    )
-    keep_effective_batch: bool = field(
-        default=True, metadata={"help": "under accelerate launch, split the recipe's batch over the processes"}
-    )
-    resume: bool = field(
-        default=True, metadata={"help": "continue from the latest complete checkpoint in output_dir, if any"}
     )
 
 
