@@ -20,6 +20,7 @@ ASSISTANT = "<|assistant|>"
 END = "<|end|>"  # end of turn; also the tokenizer's EOS, so generate() and GRPO stop on it
 PAD = "<|pad|>"  # distinct from EOS, so padding never masks a real end of turn
 CHAT_TOKENS = [USER, ASSISTANT, END, PAD]
+ROLE_TOKENS = {"user": USER, "assistant": ASSISTANT}
 # Text that the tokenizer turns into a special token: inside a message it would end the
 # turn early or start a fake one, so such text is refused (data_prep.py drops it).
 RESERVED_TEXT = (*CHAT_TOKENS, "<|endoftext|>")
@@ -28,7 +29,7 @@ RESERVED_TEXT = (*CHAT_TOKENS, "<|endoftext|>")
 def reserved_text_in(text: str) -> str | None:
     """The first chat or end-of-document token written out in `text`, if any."""
     return next((t for t in RESERVED_TEXT if t in text), None)
-ROLE_TOKENS = {"user": USER, "assistant": ASSISTANT}
+
 
 # The same format as `format_chat`, for tokenizer.apply_chat_template. The
 # {% generation %} markers let TRL's `assistant_only_loss` put the loss on the
@@ -286,9 +287,8 @@ def split_batch_over_processes(parsed) -> list[str]:
     effective batch (micro-batch x accumulation x processes): the accumulation is divided
     by N where it can be, else the micro-batch. `--keep_effective_batch false` keeps the
     per-process values, and the batch grows N times."""
-    from transformers import TrainingArguments
-
     import torch
+    from transformers import TrainingArguments
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes == 1 and torch.cuda.device_count() > 1:  # the Trainer would use nn.DataParallel, which TRL refuses
