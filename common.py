@@ -420,9 +420,14 @@ def chat_token_ids(tokenizer) -> dict[str, int]:
 
 def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool = True,
                     double_quant: bool = True, attn_implementation: str | None = "sdpa",
-                    revision: str = "main"):
+                    revision: str = "main", cpu_packed_kernel: bool = False):
     """The base model, in 4-bit NF4 by default, on this process's device, with rows
-    initialised for the chat tokens (see `init_chat_token_rows`)."""
+    initialised for the chat tokens (see `init_chat_token_rows`).
+
+    Its 4-bit layers keep the layout they train in (`keep_4bit_trainable`), whatever runs
+    on them. `cpu_packed_kernel=True` is for a model that never trains (app.py's `nf4`
+    weights): on a CPU with AVX512-BF16, bitsandbytes then repacks each layer for its
+    bf16 inference kernel at the first eval-mode forward."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -449,6 +454,8 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
         device_map={"": device},
     )
     use_fused_gelu(model)
+    if load_in_4bit and not cpu_packed_kernel:
+        keep_4bit_trainable(model)
     if torch.cuda.is_available():
         # cuDNN's sdpa kernels cost ~2 ms of host time a call and a new plan for each new
         # sequence length (H100, torch 2.11): without them SFT ran 26% faster (PERFORMANCE.md).
@@ -456,6 +463,31 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
         torch.backends.cuda.enable_cudnn_sdp(False)
     init_chat_token_rows(model, tokenizer)
     return model
+
+
+def keep_4bit_trainable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer in the layout that trains, through any eval-mode
+    forward (previews, evaluation during training, GRPO's rollouts and reference passes).
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids and
+    newer), repacks a `Linear4bit`'s weight for its CPU inference kernel the first time the
+    layer runs in eval mode on an input that needs no grad, and keeps it packed
+    (`Linear4bit.forward`, `support_avx512bf16_for_cpu`). A later training forward then takes
+    `gemv_4bit`, which has no autograd: with a bias (every Phi-2 projection has one) it raises
+    "a view of a leaf Variable that requires grad is being used in an in-place operation" in
+    `matmul_4bit`; without one the input gets no gradient, silently. A preview at step 0 did
+    exactly that. Turning the flag off before the first forward keeps the trainable layout
+    (the packing is lossy to undo: it rounds the scales to bf16). CUDA is unaffected.
+    Returns how many layers were set."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 PHI2_HIDDEN_ACT = "gelu_pytorch_tanh"  # what use_fused_gelu gives Phi-2 (memory_plan.py reads it)
