@@ -31,11 +31,10 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-from transformers import HfArgumentParser
 
 import rewards
 from common import (CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer,
-                    pick_dtype, with_instruction)
+                    parse_script_args, pick_dtype, with_instruction)
 from data_prep import WORD_LIMIT_TEMPLATES
 from preview_callback import DEFAULT_PROMPTS, generate_answers
 
@@ -152,7 +151,9 @@ def weights_for(args: AppArguments, merged: bool) -> str:
 
 
 def load_base(args: AppArguments, tokenizer, dtype, weights: str):
-    model = load_base_model(args.base, tokenizer, dtype, load_in_4bit=weights != "full")
+    # nf4 never trains here: bitsandbytes may use its packed CPU kernel (AVX512-BF16 only).
+    model = load_base_model(args.base, tokenizer, dtype, load_in_4bit=weights != "full",
+                            cpu_packed_kernel=weights == "nf4")
     if weights == "dequantized":
         model = model.dequantize(dtype=dtype)  # Linear4bit -> nn.Linear holding the NF4 values
     return model.eval()
@@ -346,9 +347,7 @@ def launch(demo: gr.Blocks, args: AppArguments | None = None, **kwargs):
 
 
 def parse_args(argv: list[str] | None = None) -> AppArguments:
-    parser = HfArgumentParser(AppArguments)
-    (args,) = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_script_args(AppArguments, sys.argv[1:] if argv is None else argv)  # --config my.yaml works too
 
 
 def main(argv: list[str] | None = None):

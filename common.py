@@ -89,8 +89,11 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file or
     none, never half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise InputError(cannot_write(path, e)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -98,9 +101,38 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a directory where the file goes
+            raise InputError(cannot_write(path, e)) from None
         raise
+
+
+def cannot_write(path: Path, error: OSError) -> str:
+    """The OS's refusal to write `path`, as one line with what to do."""
+    blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{path}: cannot write it: {blocker} is a file, not a folder; choose another output path"
+    return (f"{path}: cannot write it ({error.strerror or error}); choose another output path, or check that "
+            "you may write there and that the disk has room")
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail now, before any work, if the OS will refuse to create or write `path` (a file
+    or a folder): its nearest existing ancestor must be a folder this user may write to."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if existing != path and not existing.is_dir():
+        raise InputError(f"{flag} {path}: cannot be created, {existing} is a file; choose another {flag}")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {folder} (permission denied or a read-only disk); "
+                         f"choose another {flag}")
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """json's message with its column: "Unterminated string starting at column 9", not "... at at"."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _umask() -> int:
@@ -135,7 +167,7 @@ def read_jsonl_rows(path: str | os.PathLike, what: str):
                 row = json.loads(line)
                 json.dumps(row, ensure_ascii=False).encode("utf-8")  # an unpaired \ud800 escape fails here
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({json_error(e)}); each line must be one JSON object") from None
             except (RecursionError, ValueError, UnicodeEncodeError) as e:  # too deep, a 5,000-digit number
                 reason = "an unpaired surrogate escape such as \\ud800" if isinstance(e, UnicodeEncodeError) else str(e)[:80]
                 raise InputError(f"{path}:{n}: a value JSON allows but this program can't hold ({reason})") from None
@@ -249,7 +281,9 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
         argv = ["--config", str(default_recipe), *argv]
     if argv.index("--config") + 1 >= len(argv):
         raise InputError("--config needs a recipe file, e.g. --config recipes/sft_tiny.yaml")
-    check_recipe(argv[argv.index("--config") + 1], dataclass_types)
+    recipe = argv[argv.index("--config") + 1]
+    check_recipe(recipe, dataclass_types)
+    check_flags(argv, dataclass_types)
     parser = TrlParser(dataclass_types)
 
     def error(message):  # argparse would print a 200-line usage first
@@ -258,13 +292,116 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
     parser.error = error
     try:  # the configs' own checks (__post_init__) raise ValueError
         first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
+        check_values(first, argv, recipe)
         model_args = next(a for a in first if isinstance(a, ModelConfig))
+        check_model_source(model_args.model_name_or_path)
         dtype = pick_dtype(model_args.dtype)
         return parser.parse_args_and_config(
             [*argv, "--fp16", str(dtype == torch.float16), "--bf16", str(dtype == torch.bfloat16),
              *split_batch_over_processes(first)])
     except ValueError as e:
-        raise InputError(f"{argv[argv.index('--config') + 1]}: {e}") from None
+        raise InputError(f"{recipe}: {e}") from None
+
+
+def check_flags(argv: list[str], dataclass_types) -> None:
+    """Every `--flag` names a field (HfArgumentParser's message is a ValueError listing the
+    leftovers); `--no_x` turns off a boolean field x, as HfArgumentParser allows."""
+    import dataclasses
+    import difflib
+
+    fields = {f.name: f for cls in dataclass_types for f in dataclasses.fields(cls)}
+    for arg in argv:
+        if not arg.startswith("--") or arg in ("--config", "--help"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name in fields or (name.startswith("no_") and name[3:] in fields):
+            continue
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        raise InputError(f"unknown option --{name}{hint} (--help lists every option)")
+
+
+# Values the configs accept but a run can't use: found before any model loads, not as a
+# traceback minutes later (a NaN learning rate) or never (max_steps -5 trains whole epochs).
+_FINITE = __import__("math").isfinite
+VALUE_RULES = {
+    "learning_rate": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "a positive whole number, or -1 to train num_train_epochs"),
+    "num_train_epochs": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "warmup_steps": (lambda v: _FINITE(v) and v >= 0, "a number of steps, or a share of them below 1, not negative"),
+    "weight_decay": (lambda v: _FINITE(v) and v >= 0, "a number, 0 or more"),
+    "max_grad_norm": (lambda v: v is None or (_FINITE(v) and v >= 0), "a number, 0 or more"),
+    "adam_epsilon": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    "logging_steps": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "eval_steps": (lambda v: v is None or (_FINITE(v) and v > 0), "a positive number"),
+    "save_steps": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
+    "max_length": (lambda v: v is None or v >= 1, "at least 1"),
+    "lora_r": (lambda v: v >= 1, "at least 1"),
+    "lora_alpha": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    "num_generations": (lambda v: v is None or v >= 2, "at least 2 (GRPO compares answers within a group)"),
+    "max_completion_length": (lambda v: v is None or v >= 1, "at least 1"),
+    "temperature": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "beta": (lambda v: _FINITE(v) and v >= 0, "a number, 0 or more"),
+    "preview_steps": (lambda v: v >= 0, "0 (never) or more"),
+    "preview_max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "preview_max_share": (lambda v: 0 <= v <= 1, "a share from 0 to 1"),
+    "max_prompt_tokens": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_values(parsed, argv: list[str], recipe: str | None) -> None:
+    """Apply VALUE_RULES to the parsed dataclasses; the error names the flag, or the recipe's
+    file and line, where the value came from."""
+    for args in parsed:
+        for name, (ok, need) in VALUE_RULES.items():
+            if not hasattr(args, name):
+                continue
+            value = getattr(args, name)
+            try:
+                good = ok(value)
+            except TypeError:  # a wrong type is check_recipe's to report
+                good = True
+            if good:
+                continue
+            flag = f"--{name}"
+            if flag in argv or any(a.startswith(flag + "=") for a in argv) or recipe is None:
+                where = flag
+            else:
+                where = f"{recipe}:{recipe_line(recipe, name) or '?'}: '{name}'"
+            raise InputError(f"{where} must be {need}, got {value!r}")
+
+
+def recipe_line(path: str, key: str) -> int | None:
+    import yaml
+
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"))
+        return next((k.start_mark.line + 1 for k, _ in root.value if k.value == key), None)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def check_model_source(name: str, flag: str = "--model_name_or_path", marks=("config.json",)) -> None:
+    """A model given as a local folder must be one (holding one of `marks`); a name that can
+    only be a path and is not there is said so now, not as a 70-line traceback about repo ids
+    after the data loaded."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / m).is_file() for m in marks):
+            raise InputError(f"{flag} {name}: no model in that folder ({marks[0]} missing); give a folder "
+                             "a model was saved in (make_tiny_model.py, export_model.py) or a Hub id such as "
+                             "microsoft/phi-2")
+        return
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or not name.strip():
+        raise InputError(f"{flag} {name}: no such model folder; give a local folder with config.json or a Hub "
+                         "id such as microsoft/phi-2")
 
 
 def parse_script_args(dataclass_type, argv: list[str]):
@@ -273,12 +410,24 @@ def parse_script_args(dataclass_type, argv: list[str]):
     from trl import TrlParser
 
     argv = list(argv)
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        check_recipe(argv[argv.index("--config") + 1], (dataclass_type,))
+    recipe = None
+    if "--config" in argv:
+        if argv.index("--config") + 1 >= len(argv):
+            raise InputError("--config needs a YAML file of `option: value` lines")
+        recipe = argv[argv.index("--config") + 1]
+        check_recipe(recipe, (dataclass_type,))
+    check_flags(argv, (dataclass_type,))
+    parser = TrlParser([dataclass_type])
+
+    def error(message):  # argparse would print the whole usage first
+        raise InputError(f"{message} (--help lists every option)")
+
+    parser.error = error
     try:
-        (args,) = TrlParser([dataclass_type]).parse_args_and_config(argv)
-    except ValueError as e:  # an unknown flag: one line, not a traceback
-        raise InputError(f"{e}; --help lists every option") from None
+        (args,) = parser.parse_args_and_config(argv)
+    except ValueError as e:  # a config's own check (__post_init__)
+        raise InputError(f"{recipe + ': ' if recipe else ''}{e}; --help lists every option") from None
+    check_values([args], argv, recipe)
     return args
 
 
@@ -320,23 +469,9 @@ def check_recipe(path: str, dataclass_types) -> dict:
     import difflib
     import typing
 
-    import yaml
-
-    path_ = Path(path)
-    if not path_.is_file():
-        raise InputError(f"{path}: recipe not found (the recipes are in recipes/)")
-    text = path_.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text)
-        recipe = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise InputError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if recipe is None:
+    recipe, root = read_recipe(path)
+    if not recipe:
         return {}
-    if not isinstance(recipe, dict):
-        raise InputError(f"{path}: a recipe is a mapping of `key: value` lines, got {type(recipe).__name__}")
     lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
     fields = {}
     for cls in dataclass_types:
@@ -355,6 +490,37 @@ def check_recipe(path: str, dataclass_types) -> dict:
     return recipe
 
 
+def read_recipe(path: str) -> tuple[dict, object]:
+    """A recipe's `key: value` mapping and its YAML node tree (for line numbers); every way
+    the file can be unreadable is one line naming it."""
+    import yaml
+
+    path_ = Path(path)
+    if not path_.is_file():
+        raise InputError(f"{path}: recipe not found (the recipes are in recipes/)")
+    raw = path_.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {e.start + 1}); a recipe is a YAML text file, "
+                         "saved as UTF-8") from None
+    try:
+        root = yaml.compose(text)
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise InputError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to read; a recipe is flat `key: value` lines") from None
+    if recipe is None:
+        return {}, root
+    if not isinstance(recipe, dict):
+        raise InputError(f"{path}: a recipe is a mapping of `key: value` lines, got {type(recipe).__name__}")
+    return recipe, root
+
+
 def _fits(value, annotation) -> bool:
     """Whether a YAML value fits a dataclass field's type (what can't be judged passes)."""
     import enum
@@ -367,6 +533,11 @@ def _fits(value, annotation) -> bool:
     if annotation is type(None):
         return value is None
     if origin in (typing.Union, types.UnionType):
+        # `Union[SchedulerType, str]`: TrainingArguments turns the string into the enum, so only
+        # its values fit (checked here, where the recipe's line is known).
+        choices = _enum_in(annotation)
+        if choices is not None and isinstance(value, str):
+            return value in choices
         return any(_fits(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
@@ -387,11 +558,24 @@ def _fits(value, annotation) -> bool:
     return True
 
 
+def _enum_in(annotation) -> list[str] | None:
+    """The values of an Enum that is one member of a Union, if there is one."""
+    import enum
+    import typing
+
+    for a in typing.get_args(annotation):
+        if isinstance(a, type) and issubclass(a, enum.Enum):
+            return [m.value for m in a]
+    return None
+
+
 def _describe(annotation) -> str:
     import typing
 
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
              type(None): "null", dict: "a mapping"}
+    if (choices := _enum_in(annotation)) is not None:
+        return "one of " + ", ".join(map(str, choices))
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) is typing.Literal:
@@ -405,13 +589,24 @@ def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
     """The base tokenizer with the chat tokens added, END as EOS and PAD as pad."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    check_model_source(name_or_path, "tokenizer", marks=("tokenizer_config.json", "tokenizer.json"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except OSError as e:  # not on the Hub, not in the offline cache, a damaged folder
+        raise InputError(could_not_load(name_or_path, e)) from None
     tokenizer.add_tokens(CHAT_TOKENS, special_tokens=True)
     tokenizer.eos_token = END
     tokenizer.pad_token = PAD
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def could_not_load(name: str, error: OSError) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = " (offline, HF_HUB_OFFLINE=1: a Hub model must already be in the cache)" \
+        if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return f"could not load {name!r}{offline}: {first[:200]}; give a local model folder or a Hub id such as microsoft/phi-2"
 
 
 def chat_token_ids(tokenizer) -> dict[str, int]:
@@ -445,14 +640,17 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        revision=revision,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        attn_implementation=attn_implementation,  # sdpa: fp16-safe attention on a T4
-        device_map={"": device},
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            attn_implementation=attn_implementation,  # sdpa: fp16-safe attention on a T4
+            device_map={"": device},
+        )
+    except OSError as e:
+        raise InputError(could_not_load(name_or_path, e)) from None
     use_fused_gelu(model)
     if load_in_4bit and not cpu_packed_kernel:
         keep_4bit_trainable(model)
@@ -649,12 +847,15 @@ def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> 
     and return the checkpoint to resume from (None: start fresh). `run` names what must not
     change across a resume (script, model, adapter shape); it is written to run.json."""
     root = Path(output_dir)
+    check_writable(root, "--output_dir")
     saved = json.loads((root / RUN_FILE).read_text(encoding="utf-8")) if (root / RUN_FILE).is_file() else None
     has_run = any(root.glob("checkpoint-*")) or (root / "adapter_config.json").is_file()
     if saved is None and has_run:
         raise InputError(f"{root} holds checkpoints or an adapter of another run (no {RUN_FILE}); "
                          "choose another --output_dir or remove that directory")
-    if saved is not None and saved != run:
+    # A run that failed before its first checkpoint left only run.json: the corrected
+    # command may take the directory over.
+    if saved is not None and saved != run and has_run:
         changed = ", ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now"
                             for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k))
         raise InputError(f"{root} holds another run ({changed}); choose another --output_dir or remove it")

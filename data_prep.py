@@ -49,6 +49,7 @@ import gzip
 import json
 import math
 import random
+import sys
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -56,9 +57,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
-from trl import TrlParser
 
-from common import (InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, reserved_text_in,
+from common import (InputError, check_writable, count_words, exit_on_input_error, format_chat, json_error,
+                    load_chat_tokenizer, parse_script_args, reserved_text_in,
                     with_instruction, write_jsonl_atomic)
 
 STRATEGIES = ("best_thread", "all_replies")
@@ -283,7 +284,7 @@ def decode(record):
     except UnicodeDecodeError as e:
         raise BadRow(f"not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise BadRow(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise BadRow(f"malformed JSON ({json_error(e)})") from None
     except RecursionError:
         raise BadRow("JSON nested too deeply to read") from None
     except ValueError:  # Python reads no integer of more than 4,300 digits
@@ -699,6 +700,7 @@ def check_not_overwriting_input(name: str, kind: str, out_dir: Path) -> None:
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise InputError(f"{out_dir}: cannot be the output directory, {existing} is a file; pick another --output_dir")
+    check_writable(out_dir, "--output_dir")
     for f in OUTPUT_FILES:
         if (out_dir / f).is_dir():
             raise InputError(f"{out_dir / f}: is a directory, where an output file goes; move it or pick another --output_dir")
@@ -742,5 +744,4 @@ def print_summary(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    (script_args,) = TrlParser(ScriptArguments).parse_args_and_config()
-    exit_on_input_error(lambda: main(script_args))  # an InputError: one line on stderr, exit 2
+    exit_on_input_error(lambda: main(parse_script_args(ScriptArguments, sys.argv[1:])))  # an InputError: one line, exit 2

@@ -111,7 +111,17 @@ if __name__ == "__main__":
     parser.add_argument("--vocab_size", type=int, default=1000, help="BPE vocabulary trained on the sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_steps", type=int, default=200, help="0: leave the weights random")
-    args = parser.parse_args()
-    path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed,
-                 pretrain_steps=args.pretrain_steps)
-    print(f"tiny Phi model and tokenizer written to {path}")
+    from common import InputError, check_writable, exit_on_input_error
+
+    def error(message):  # one line, not argparse's usage block
+        raise InputError(f"{message} (--help lists the options)")
+
+    def main():
+        parser.error = error
+        args = parser.parse_args()
+        check_writable(args.output_dir, "--output_dir")
+        path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed,
+                     pretrain_steps=args.pretrain_steps)
+        print(f"tiny Phi model and tokenizer written to {path}")
+
+    exit_on_input_error(main)

@@ -21,6 +21,8 @@ Importable: `estimate(recipe_dict)`, `auto_plan(recipe_dict, gpu_gib, gpu)`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from common import InputError, exit_on_input_error
+from common import InputError, exit_on_input_error, read_recipe
 
 GIB = 2**30
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
@@ -68,15 +70,16 @@ class Estimate:
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: recipe not found")
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(recipe, dict):
-        raise InputError(f"{path}: a recipe is a mapping of field: value")
+    recipe, _ = read_recipe(str(path))
+    if overrides:
+        from trl import GRPOConfig, ModelConfig, SFTConfig
+
+        known = set(recipe) | {f.name for c in (SFTConfig, GRPOConfig, ModelConfig) for f in dataclasses.fields(c)}
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise InputError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "")
+                                 + " (--help lists this script's options; the others are the recipe's fields)")
     return {**recipe, **(overrides or {})}
 
 
@@ -247,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu_gib", type=float, default=15.0, help="GPU memory (a T4 shows 15 GiB)")
     parser.add_argument("--gpu", default="t4", choices=sorted(SPEED), help="speed model for --auto")
     parser.add_argument("--auto", action="store_true", help="pick micro-batch, accumulation and checkpointing")
+
+    def error(message):  # one line, not argparse's usage block
+        raise InputError(f"{message} (--help lists the options)")
+
+    parser.error = error
     args, rest = parser.parse_known_args(argv)
     recipe = load_recipe(args.config, parse_overrides(rest))
     est = estimate(recipe, args.gpu_gib)

@@ -53,7 +53,8 @@ import zlib
 from numbers import Integral, Real
 from pathlib import Path
 
-from common import ASSISTANT, END, PAD, USER, InputError, count_words, exit_on_input_error, write_jsonl_atomic
+from common import (ASSISTANT, END, PAD, USER, InputError, check_writable, count_words, exit_on_input_error, json_error,
+                    write_jsonl_atomic)
 
 CONCISENESS_TARGET_WORDS = 200
 # Below this an answer is too short to be "concise": no credit, or GRPO finds that one word
@@ -481,7 +482,7 @@ def check_pair(line: str, where: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise InputError(f"{where}: malformed JSON ({json_error(e)})") from None
     except RecursionError:
         raise InputError(f"{where}: JSON nested too deeply to read; each line must be one flat JSON object") from None
     except ValueError:  # Python reads no integer of more than 4,300 digits
@@ -574,11 +575,18 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument("pairs", help="JSONL file of prompt/completion pairs")
     parser.add_argument("--out", help="also write the scored rows here (JSONL)")
+
+    def error(message):  # one line, as every other mistake gets, not argparse's usage block
+        raise InputError(f"{message} (--help lists the options)")
+
+    parser.error = error
     args = parser.parse_args(argv)
     if args.out and Path(args.out).resolve() == Path(args.pairs).resolve():
         raise InputError(f"{args.out}: --out is the input file; pick another path")
     if args.out and Path(args.out).is_dir():
         raise InputError(f"{args.out}: --out is a directory; give a file path such as scored.jsonl")
+    if args.out:
+        check_writable(args.out, "--out")  # before the scoring, not after it
     scored = score_rows(read_pairs(args.pairs))
     print(format_table(scored))
     if args.out:
