@@ -282,7 +282,7 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
     if argv.index("--config") + 1 >= len(argv):
         raise InputError("--config needs a recipe file, e.g. --config recipes/sft_tiny.yaml")
     recipe = argv[argv.index("--config") + 1]
-    check_recipe(recipe, dataclass_types)
+    check_values(check_recipe(recipe, dataclass_types), argv, recipe)
     check_flags(argv, dataclass_types)
     parser = TrlParser(dataclass_types)
 
@@ -290,17 +290,24 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
         raise InputError(f"{message} (in the recipe or on the command line; --help lists every option)")
 
     parser.error = error
-    try:  # the configs' own checks (__post_init__) raise ValueError
+    try:
         first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
-        check_values(first, argv, recipe)
         model_args = next(a for a in first if isinstance(a, ModelConfig))
         check_model_source(model_args.model_name_or_path)
         dtype = pick_dtype(model_args.dtype)
         return parser.parse_args_and_config(
             [*argv, "--fp16", str(dtype == torch.float16), "--bf16", str(dtype == torch.bfloat16),
              *split_batch_over_processes(first)])
-    except ValueError as e:
-        raise InputError(f"{recipe}: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # the configs' own checks (__post_init__): ValueError mostly, a few others
+        raise InputError(config_error(recipe, e)) from None
+
+
+def config_error(recipe: str | None, e: Exception) -> str:
+    kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+    where = f"{recipe} or the command line" if recipe else "the command line"
+    return f"{kind}{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''} (check the values in {where})"
 
 
 def check_flags(argv: list[str], dataclass_types) -> None:
@@ -337,15 +344,16 @@ VALUE_RULES = {
     "adam_epsilon": (lambda v: _FINITE(v) and v > 0, "a positive number"),
     "adam_beta1": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
     "adam_beta2": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
-    "logging_steps": (lambda v: _FINITE(v) and v > 0, "a positive number"),
-    "eval_steps": (lambda v: v is None or (_FINITE(v) and v > 0), "a positive number"),
-    "save_steps": (lambda v: _FINITE(v) and v > 0, "a positive number"),
+    "logging_steps": (lambda v: _FINITE(v) and v > 0, "a positive number (of steps, or a share of them below 1)"),
+    "eval_steps": (lambda v: v is None or (_FINITE(v) and v > 0), "a positive number (of steps, or a share below 1)"),
+    "save_steps": (lambda v: _FINITE(v) and v > 0, "a positive number (of steps, or a share of them below 1)"),
     "seed": (lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1"),
+    "ddp_timeout": (lambda v: 0 < v < 2**31, "a positive number of seconds below 2**31"),
     "max_length": (lambda v: v is None or v >= 1, "at least 1"),
     "lora_r": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: _FINITE(v) and v > 0, "a positive number"),
     "lora_dropout": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
-    "num_generations": (lambda v: v is None or v >= 2, "at least 2 (GRPO compares answers within a group)"),
+    "num_generations": (lambda v: v is not None and v >= 2, "at least 2 (GRPO compares answers within a group)"),
     "max_completion_length": (lambda v: v is None or v >= 1, "at least 1"),
     "temperature": (lambda v: _FINITE(v) and v > 0, "a positive number"),
     "beta": (lambda v: _FINITE(v) and v >= 0, "a number, 0 or more"),
@@ -356,26 +364,41 @@ VALUE_RULES = {
 }
 
 
-def check_values(parsed, argv: list[str], recipe: str | None) -> None:
-    """Apply VALUE_RULES to the parsed dataclasses; the error names the flag, or the recipe's
-    file and line, where the value came from."""
-    for args in parsed:
-        for name, (ok, need) in VALUE_RULES.items():
-            if not hasattr(args, name):
-                continue
-            value = getattr(args, name)
-            try:
-                good = ok(value)
-            except TypeError:  # a wrong type is check_recipe's to report
-                good = True
-            if good:
-                continue
-            flag = f"--{name}"
-            if flag in argv or any(a.startswith(flag + "=") for a in argv) or recipe is None:
-                where = flag
-            else:
-                where = f"{recipe}:{recipe_line(recipe, name) or '?'}: '{name}'"
+def check_values(recipe_values: dict, argv: list[str], recipe: str | None) -> None:
+    """Apply VALUE_RULES to the values the recipe and the flags give (the flags win), before
+    the configs are built: some of their own checks fail with a ZeroDivisionError or an
+    OverflowError. The error names the flag, or the recipe's file and line."""
+    given = {name: (value, None) for name, value in recipe_values.items()}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, _, value = arg[2:].replace("-", "_").partition("=")
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+        given[name] = (_number(value), f"--{name}")
+    for name, (ok, need) in VALUE_RULES.items():
+        if name not in given:
+            continue
+        value, flag = given[name]
+        try:
+            good = ok(value)
+        except TypeError:  # not a number: the parser or check_recipe says so
+            good = True
+        if not good:
+            where = flag or f"{recipe}:{recipe_line(recipe, name) or '?'}: '{name}'"
             raise InputError(f"{where} must be {need}, got {value!r}")
+
+
+def _number(text: str):
+    """A flag's value as the parser will read a number field: '5' -> 5, 'nan' -> nan, 'None' -> None."""
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def recipe_line(path: str, key: str) -> int | None:
@@ -415,7 +438,6 @@ def parse_script_args(dataclass_type, argv: list[str]):
         if argv.index("--config") + 1 >= len(argv):
             raise InputError("--config needs a YAML file of `option: value` lines")
         recipe = argv[argv.index("--config") + 1]
-        check_recipe(recipe, (dataclass_type,))
     check_flags(argv, (dataclass_type,))
     parser = TrlParser([dataclass_type])
 
@@ -423,11 +445,11 @@ def parse_script_args(dataclass_type, argv: list[str]):
         raise InputError(f"{message} (--help lists every option)")
 
     parser.error = error
+    check_values(check_recipe(recipe, (dataclass_type,)) if recipe else {}, argv, recipe)
     try:
         (args,) = parser.parse_args_and_config(argv)
-    except ValueError as e:  # a config's own check (__post_init__)
-        raise InputError(f"{recipe + ': ' if recipe else ''}{e}; --help lists every option") from None
-    check_values([args], argv, recipe)
+    except Exception as e:  # a config's own check (__post_init__)
+        raise InputError(config_error(recipe, e)) from None
     return args
 
 

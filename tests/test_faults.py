@@ -186,7 +186,7 @@ def recipe(tmp_path, *lines, base="sft_tiny.yaml") -> str:
     ("per_device_train_batch_size: 2.5", r"recipe\.yaml:\d+: 'per_device_train_batch_size' must be a whole number, got 2\.5"),
     ("gradient_checkpointing: maybe", r"'gradient_checkpointing' must be true or false"),
     ("lora_target_modules: q_proj", r"'lora_target_modules' must be a list or null"),
-    ("lr_scheduler_type: cosin", r"recipe\.yaml: cosin is not a valid SchedulerType"),
+    ("lr_scheduler_type: cosin", r"recipe\.yaml:\d+: 'lr_scheduler_type' must be one of linear, cosine, .*got 'cosin'"),
     ("  oops: [", r"recipe\.yaml:\d+: not valid YAML"),
 ])
 def test_bad_recipes_are_named_with_their_line(tmp_path, line, message):
@@ -204,7 +204,9 @@ def test_bad_flags_and_missing_recipe(tmp_path):
 
 
 def test_the_cli_prints_one_line_and_exits_2_before_loading_a_model(tmp_path, sample_data_dir):
-    # The model path doesn't exist: reaching the model would give a different error.
+    # The model folder holds no weights: reaching the model would give a different error.
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")
     cases = [
         ([str(ROOT / "sft_qlora.py"), "--config", recipe(tmp_path, "max_steps: ten")], "'max_steps' must be a whole number"),
         ([str(ROOT / "sft_qlora.py"), "--config", str(ROOT / "recipes" / "sft_tiny.yaml"), "--model_name_or_path",
