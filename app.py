@@ -138,9 +138,12 @@ def adapter_folders(args: AppArguments) -> dict[str, str]:
 def weights_for(args: AppArguments, merged: bool) -> str:
     """How to load a model's weights. The adapters were trained on the NF4 base and correct
     that model, quantisation error included, so by default the base is read through NF4; a
-    merged export (export_model.py) already holds those values. On the CPU, NF4 matmuls are slow (one Phi-2
-    MLP matmul for one token, 2 cores: 12.5 ms in fp32, 193 ms in NF4), so the values are
-    unpacked to full precision there; on CUDA they stay packed (Phi-2 in about 2 GB)."""
+    merged export (export_model.py) already holds those values. On the CPU, NF4 products are
+    slow (one Phi-2 MLP product for one token, 2 cores without AVX512-BF16: 5.7 ms in fp32,
+    78 ms in NF4, benchmarks/bench_cpu_4bit.py), so the values are unpacked to full precision
+    there; on CUDA they stay packed (Phi-2 in about 2 GB). `nf4` on a CPU with AVX512-BF16 is
+    bitsandbytes' packed bf16 kernel: faster than fp32, but not the arithmetic the adapters
+    were checked in, so never the default."""
     if args.weights not in WEIGHTS:
         raise InputError(f"--weights {args.weights!r}: expected one of {', '.join(WEIGHTS)}")
     if args.weights != "auto":
@@ -148,6 +151,15 @@ def weights_for(args: AppArguments, merged: bool) -> str:
     if torch.cuda.is_available():
         return "nf4"
     return "full" if merged else "dequantized"
+
+
+def packed_note(weights: str) -> str:
+    """Which kernel `nf4` runs on this CPU: bitsandbytes' packed bf16 one needs AVX512-BF16."""
+    if weights != "nf4" or torch.cuda.is_available():
+        return ""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return " (bitsandbytes' packed AVX512-BF16 kernel, bf16)" if has_avx512bf16() else " (NF4 dequantised at each use)"
 
 
 def load_base(args: AppArguments, tokenizer, dtype, weights: str):
@@ -190,7 +202,7 @@ def load_columns(args: AppArguments) -> list[Column]:
     dtype = pick_dtype(args.dtype)
     base_weights, merged_weights = weights_for(args, merged=False), weights_for(args, merged=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"[app] on {device}, {str(dtype).split('.')[-1]}; weights: base {base_weights}"
+    print(f"[app] on {device}, {str(dtype).split('.')[-1]}; weights: base {base_weights}{packed_note(base_weights)}"
           + (f", merged {merged_weights}" if args.merged else ""))
     columns = []
     if adapters or args.show_base:
