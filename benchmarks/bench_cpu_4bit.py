@@ -127,7 +127,7 @@ def main():
     reference = results["dequantized"]
     print(f"{args.model_dir}: batch 1, {args.new_tokens} new tokens, {args.runs} runs, "
           f"{reference['threads']} threads, AVX512-BF16 {'yes' if reference['avx512_bf16'] else 'no'}")
-    print(f"| path | new tok/s (median, min-max) | peak RSS GiB | load s | tokens as dequantized | max abs dlogit |")
+    print("| path | new tok/s (median, min-max) | peak RSS GiB | load s | tokens as dequantized | max abs dlogit |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for path, r in results.items():
         same = agreement(reference["tokens"], r["tokens"])
