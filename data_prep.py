@@ -58,15 +58,18 @@ from pathlib import Path
 from tqdm import tqdm
 from trl import TrlParser
 
+import rewards
 from common import (InputError, count_words, exit_on_input_error, format_chat, load_chat_tokenizer, reserved_text_in,
                     with_instruction, write_jsonl_atomic)
 
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
 
-# Word-limit instructions for GRPO prompts. Varied, so the policy learns to read the limit
-# rather than one fixed sentence. Some say "under N", some "at most N": `word_limit` is N,
-# and the reward decides how strict to be. Each holds `{n}` exactly once.
+# Word-limit instructions for GRPO prompts, held-out prompts and concise SFT examples.
+# Varied, so the policy learns to read the limit rather than one fixed sentence. Each holds
+# `{n}` exactly once. rewards.parse_word_limit reads them (tested against IFEval's check):
+# the strict ones ("under", "less than", "fewer than") allow at most n-1 words, the others
+# at most n; a row's `word_limit` is that bound, the most words that obey.
 WORD_LIMIT_TEMPLATES = [
     "Answer in under {n} words.",
     "Please keep it to no more than {n} words.",
@@ -567,6 +570,13 @@ def sft_rows(trees: list) -> list[dict]:
     return rows
 
 
+def limit_of(template: str, n: int) -> int:
+    """The most words that obey `template` with `n`, as the rewards read it ("under 50": 49)."""
+    kind, bound = rewards.parse_word_limit(template.format(n=n))
+    assert kind == "max", template  # every template is a limit from above (tested)
+    return bound
+
+
 def shuffled(rows: list, rng: random.Random) -> list:
     # Rows go out in random order, so a consumer taking the first N (sft_qlora's limit) gets
     # a fair sample, not the replies of a few trees.
@@ -586,9 +596,8 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
         if i not in limited:
             rows.append({"prompt": prompt, "word_limit": None})
             continue
-        n = rng.choice(WORD_LIMITS)
-        instruction = rng.choice(WORD_LIMIT_TEMPLATES).format(n=n)
-        rows.append({"prompt": with_instruction(prompt, instruction), "word_limit": n})
+        n, template = rng.choice(WORD_LIMITS), rng.choice(WORD_LIMIT_TEMPLATES)
+        rows.append({"prompt": with_instruction(prompt, template.format(n=n)), "word_limit": limit_of(template, n)})
     return rows
 
 

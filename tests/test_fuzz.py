@@ -701,7 +701,9 @@ def test_parse_word_limit_reads_any_prompt(text):
 @fuzz(100)
 @given(n=st.integers(1, 999_999), and_=st.booleans(), before=st.sampled_from(["", "Why? ", "List 3 things. "]))
 def test_spelled_out_limits_read_as_numbers(n, and_, before):
-    assert rewards.parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == ("max", n)
+    assert rewards.parse_word_limit(f"{before}Use at most {spell(n, and_)} words.") == ("max", n)
+    assert rewards.parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == (
+        ("max", n - 1) if n > 1 else None)  # strict: "under N" allows N-1
     assert rewards.parse_word_limit(f"{before}Use at least {n:,} words.") == ("min", n)
 
 
@@ -878,5 +880,5 @@ def test_found_rewards_long_run_of_number_words_takes_linear_time(run):
 
     text = "Answer in under 50 words. " + run * (16_000 // len(run))
     start = time.process_time()
-    assert rewards.parse_word_limit(text) == ("max", 50)
+    assert rewards.parse_word_limit(text) == ("max", 49)
     assert time.process_time() - start < 2.0  # about 0.1 s now
