@@ -40,8 +40,11 @@ from preview_callback import DEFAULT_PROMPTS, generate_answers
 
 DEFAULT_SFT = "outputs/phi2-oasst1-qlora"  # sft_qlora.py's default output_dir
 DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
-# The phrasing GRPO was rewarded for obeying (data_prep.py's first template; rewards.py parses it).
-LIMIT_INSTRUCTION = WORD_LIMIT_TEMPLATES[0]  # "Answer in under {n} words."
+# The phrasing appended for the page's word limit N: one GRPO was rewarded for obeying (one of
+# data_prep.py's templates), and inclusive, so N words obey the limit N (rewards.py reads
+# "under N" as at most N-1, as IFEval does).
+LIMIT_INSTRUCTION = "Use at most {n} words."
+assert LIMIT_INSTRUCTION in WORD_LIMIT_TEMPLATES, LIMIT_INSTRUCTION
 MAX_WORD_LIMIT = 1000
 MIN_NEW_TOKENS = 8  # the slider's low end
 WEIGHTS = ("auto", "nf4", "dequantized", "full")  # see weights_for
@@ -273,12 +276,8 @@ def stats_line(answer: dict, prompt: str, max_new_tokens: int) -> str:
     counts them, the limit read from the prompt as the GRPO rewards read it."""
     words = f"{answer['words']} word" + ("" if answer["words"] == 1 else "s")
     parts = [f"**{words}**", "ended" if answer["ended"] else f"cut off at {max_new_tokens} tokens"]
-    limit = rewards.row_limit(prompt)
-    if limit is not None:
-        kind, n = limit
-        wanted = {"max": f"at most {n} words", "min": f"at least {n} words", "about": f"about {n} words"}[kind]
-        obeyed = rewards.word_limit_compliance([prompt], [answer["answer"]])[0]
-        parts.append(f"{'obeys' if obeyed else 'breaks'} the limit ({wanted})")
+    if verdict := rewards.limit_verdict(prompt, answer["answer"]):
+        parts.append(verdict)
     return " · ".join(parts)
 
 

@@ -17,9 +17,14 @@ by parent_id. This script
   3. turns each tree into conversations (--strategy, below);
   4. splits by tree into train / eval: no tree, and no identical opening prompt, is on
      both sides;
-  5. writes train.jsonl and eval.jsonl ({"text", "messages"}), grpo_prompts.jsonl (first
-     prompts of train trees) and heldout_prompts.jsonl (of eval trees), as
-     {"prompt", "word_limit"}, a share (--word_limit_fraction) asking for a word limit.
+  5. adds a word-limit instruction to the last user turn of a share (--concise_share) of
+     the train conversations whose last reply already obeys it: concise SFT examples made
+     of real answers, never shortened ones;
+  6. writes train.jsonl and eval.jsonl ({"text", "messages", "word_limit"}; eval rows never
+     carry a limit), grpo_prompts.jsonl (first prompts of train trees) and
+     heldout_prompts.jsonl (of eval trees), as {"prompt", "word_limit"}, a share
+     (--word_limit_fraction) asking for a word limit. `word_limit` is null, or the most
+     words that obey the instruction as rewards.py and IFEval read it ("under 50": 49).
      Rows are in seeded random order, so the first N are a fair sample. Nothing is
      written until all of it is built, and each file is replaced atomically.
 
@@ -58,6 +63,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import rewards
 from common import (InputError, check_writable, count_words, exit_on_input_error, format_chat, json_error,
                     load_chat_tokenizer, parse_script_args, reserved_text_in,
                     with_instruction, write_jsonl_atomic)
@@ -65,9 +71,11 @@ from common import (InputError, check_writable, count_words, exit_on_input_error
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
 
-# Word-limit instructions for GRPO prompts. Varied, so the policy learns to read the limit
-# rather than one fixed sentence. Some say "under N", some "at most N": `word_limit` is N,
-# and the reward decides how strict to be. Each holds `{n}` exactly once.
+# Word-limit instructions for GRPO prompts, held-out prompts and concise SFT examples.
+# Varied, so the policy learns to read the limit rather than one fixed sentence. Each holds
+# `{n}` exactly once. rewards.parse_word_limit reads them (tested against IFEval's check):
+# the strict ones ("under", "less than", "fewer than") allow at most n-1 words, the others
+# at most n; a row's `word_limit` is that bound, the most words that obey.
 WORD_LIMIT_TEMPLATES = [
     "Answer in under {n} words.",
     "Please keep it to no more than {n} words.",
@@ -81,6 +89,9 @@ WORD_LIMIT_TEMPLATES = [
     "Limit your response to {n} words.",
 ]
 WORD_LIMITS = (20, 25, 30, 40, 50, 60, 75, 80, 100, 120, 150)
+# A concise SFT example's limit is drawn from the smallest few of WORD_LIMITS that its reply
+# obeys, so the limit binds (the reply is near it), not one far above any answer.
+CONCISE_TIGHTEST = 3
 
 # (how the name ends, how to read it); the first match wins, so .trees.* come first.
 FORMATS = (
@@ -145,6 +156,16 @@ class ScriptArguments:
     )
     word_limit_fraction: float = field(
         default=0.5, metadata={"help": "Share of GRPO and held-out prompts that get a word-limit instruction."}
+    )
+    # 0.3: enough limited examples for SFT to learn that a limit means a reply within it
+    # (about 1 in 5 train rows on the sample), while most rows keep the user's own words, so
+    # the answers to prompts without a limit keep their natural length.
+    concise_share: float = field(
+        default=0.3,
+        metadata={"help": "Share of the train conversations whose best (last) reply already obeys a word limit "
+                  "(at most 149 words) that get that limit appended to their last user turn, in one of "
+                  "WORD_LIMIT_TEMPLATES' phrasings: concise SFT examples from real answers, never shortened ones. "
+                  "0: none. Eval rows never get one."},
     )
     tokenizer: str | None = field(
         default=None,
@@ -564,8 +585,47 @@ def sft_rows(trees: list) -> list[dict]:
     for _, convs in trees:
         for conv in convs:
             messages = [{"role": ROLES[m["role"]], "content": m["text"]} for m in conv]
-            rows.append({"text": format_chat(messages), "messages": messages})
+            rows.append({"text": format_chat(messages), "messages": messages, "word_limit": None})
     return rows
+
+
+def limit_of(template: str, n: int) -> int:
+    """The most words that obey `template` with `n`, as the rewards read it ("under 50": 49)."""
+    kind, bound = rewards.parse_word_limit(template.format(n=n))
+    assert kind == "max", template  # every template is a limit from above (tested)
+    return bound
+
+
+def concise_limit(words: int, rng: random.Random) -> tuple[str, int] | None:
+    """A limit instruction that a reply of `words` words obeys, and its bound: a random
+    phrasing, N from the CONCISE_TIGHTEST smallest of WORD_LIMITS that fit. None if none fits."""
+    template = rng.choice(WORD_LIMIT_TEMPLATES)
+    fits = [n for n in WORD_LIMITS if limit_of(template, n) >= words]
+    if words < 1 or not fits:
+        return None
+    n = rng.choice(fits[:CONCISE_TIGHTEST])
+    return template.format(n=n), limit_of(template, n)
+
+
+def add_concise_limits(rows: list[dict], share: float, rng: random.Random) -> tuple[list[dict], int]:
+    """A `share` of the rows whose last reply obeys a limit that every phrasing can express
+    (at most min bound of max(WORD_LIMITS), 149 words) get that limit appended to their last
+    user turn (common.with_instruction, as the prompt files add it) and `word_limit` set to its
+    bound. The reply is the volunteer's own, whole: a row is never cut to fit. Returns the
+    rows (new dicts, in the same order) and how many were eligible."""
+    ceiling = min(limit_of(t, max(WORD_LIMITS)) for t in WORD_LIMIT_TEMPLATES)
+    eligible = [i for i, r in enumerate(rows) if 1 <= count_words(r["messages"][-1]["content"]) <= ceiling]
+    chosen = set(rng.sample(eligible, round(share * len(eligible))))
+    out = []
+    for i, row in enumerate(rows):
+        if i not in chosen:
+            out.append(row)
+            continue
+        instruction, bound = concise_limit(count_words(row["messages"][-1]["content"]), rng)
+        messages = [dict(m) for m in row["messages"]]
+        messages[-2]["content"] = with_instruction(messages[-2]["content"], instruction)  # the last user turn
+        out.append({"text": format_chat(messages), "messages": messages, "word_limit": bound})
+    return out, len(eligible)
 
 
 def shuffled(rows: list, rng: random.Random) -> list:
@@ -587,9 +647,8 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
         if i not in limited:
             rows.append({"prompt": prompt, "word_limit": None})
             continue
-        n = rng.choice(WORD_LIMITS)
-        instruction = rng.choice(WORD_LIMIT_TEMPLATES).format(n=n)
-        rows.append({"prompt": with_instruction(prompt, instruction), "word_limit": n})
+        n, template = rng.choice(WORD_LIMITS), rng.choice(WORD_LIMIT_TEMPLATES)
+        rows.append({"prompt": with_instruction(prompt, template.format(n=n)), "word_limit": limit_of(template, n)})
     return rows
 
 
@@ -646,6 +705,7 @@ def main(args: ScriptArguments) -> dict:
     train_trees, eval_trees = split_trees(trees, args.eval_fraction, args.seed)
     train_all = shuffled(sft_rows(train_trees), random.Random(f"{args.seed}:train"))
     train = train_all[: args.max_examples]  # the cap: a seeded subsample, as the order is random
+    train, concise_eligible = add_concise_limits(train, args.concise_share, random.Random(f"{args.seed}:concise"))
     held_out = shuffled(sft_rows(eval_trees), random.Random(f"{args.seed}:eval"))
     grpo = prompt_rows(train_trees, args.word_limit_fraction, random.Random(f"{args.seed}:grpo"))
     heldout_prompts = prompt_rows(eval_trees, args.word_limit_fraction, random.Random(f"{args.seed}:heldout"))
@@ -656,6 +716,8 @@ def main(args: ScriptArguments) -> dict:
         trees_eval=len(eval_trees),
         examples_train_before_cap=len(train_all),
         examples_train=len(train),
+        examples_train_word_limited=sum(r["word_limit"] is not None for r in train),
+        concise_eligible=concise_eligible,
         examples_eval=len(held_out),
         grpo_prompts=len(grpo),
         grpo_word_limited=sum(r["word_limit"] is not None for r in grpo),
@@ -684,6 +746,9 @@ def check_args(args: ScriptArguments) -> None:
         raise InputError(f"--eval_fraction must be at least 0 and below 1, got {args.eval_fraction}")
     if not 0 <= args.word_limit_fraction <= 1:
         raise InputError(f"--word_limit_fraction must be between 0 and 1, got {args.word_limit_fraction}")
+    if not 0 <= args.concise_share <= 1:
+        raise InputError(f"--concise_share must be between 0 and 1 (a share of the train conversations), "
+                         f"got {args.concise_share}")
     if args.max_examples < 1 or args.max_length < 1:
         raise InputError("--max_examples and --max_length must be at least 1")
     if not args.lang.strip():
@@ -726,6 +791,8 @@ def print_summary(s: dict) -> None:
         f"  trees dropped      {s['trees_dropped_root']:>8,}   (root prompt deleted or failed review)",
         f"  trees used         {s['trees_with_conversations']:>8,}   train {s['trees_train']:,}, eval {s['trees_eval']:,}",
         f"  train examples     {s['examples_train']:>8,}   (of {s['examples_train_before_cap']:,} before the cap)",
+        f"  with a word limit  {s['examples_train_word_limited']:>8,}   (concise: of {s['concise_eligible']:,} "
+        "whose reply obeys one)",
         f"  eval examples      {s['examples_eval']:>8,}",
         f"  grpo prompts       {s['grpo_prompts']:>8,}   ({s['grpo_word_limited']:,} with a word limit)",
         f"  held-out prompts   {s['heldout_prompts']:>8,}   ({s['heldout_word_limited']:,} with a word limit)",

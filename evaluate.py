@@ -14,7 +14,9 @@ metrics table, then the models' answers side by side for a sample of prompts) an
 
 Metrics, per model (w = an answer's words, counted as the rewards count them):
   word_limit_compliance  share of prompts with a word limit whose answer obeys it
-                         (rewards.word_limit_compliance; an empty answer never does)
+                         (rewards.word_limit_compliance: IFEval's strict per-prompt
+                         accuracy for the length instruction; "under 50 words" allows
+                         at most 49; an answer with no word never obeys)
   mean_words, median_words
   end_of_turn_rate       share of answers that ended with <|end|> within max_new_tokens
   repetition_rate        share of answers whose rewards.repetition() score is above
@@ -239,8 +241,8 @@ def report_markdown(report: dict, shown: list[int]) -> str:
         f"## Answers side by side ({len(shown)} of {len(first)} prompts, seed {settings['seed']})\n",
     ]
     for i in shown:
-        limit = first[i]["word_limit"]
-        parts.append(f"### Prompt {i + 1}" + (f" (limit {limit} words)" if limit else "") + "\n")
+        limit = rewards.row_limit(first[i]["prompt"], first[i]["word_limit"])  # as the compliance column reads it
+        parts.append(f"### Prompt {i + 1}" + (f" (limit: {rewards.describe_limit(limit)})" if limit else "") + "\n")
         parts.append("> " + "\n> ".join(first[i]["prompt"].splitlines()) + "\n")
         parts.append("| model | words | ended | answer |\n| --- | ---: | :---: | --- |")
         for name, answers in report["answers"].items():

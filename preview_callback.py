@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, TrainerCallback
 
 import fast_rollouts
+import rewards
 from common import END, count_words, format_prompt
 
 # One per thing the runs should change: chat style, stopping, a word limit, code.
@@ -137,13 +138,18 @@ class PreviewCallback(TrainerCallback):
         blocks = [f"## {title}\n"]
         for a in answers:
             status = "" if a["ended"] else ", cut off"
+            verdict = rewards.limit_verdict(a["prompt"], a["answer"])  # "under 50 words": at most 49
+            status += f", {verdict}" if verdict else ""
             quoted = "\n".join("> " + line for line in (a["answer"] or "(empty)").splitlines())
             blocks.append(f"**Prompt:** {a['prompt']}\n\n**Answer** ({a['words']} words{status}):\n\n{quoted}\n")
         text = "\n".join(blocks)
+        # 1.0 / 0.0 for a prompt with a word limit (IFEval's strict check), None without one
+        compliance = rewards.word_limit_compliance([a["prompt"] for a in answers], [a["answer"] for a in answers])
         print(f"\n{'=' * 80}\n{text}{'=' * 80}\n", flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # One write each: a crash leaves whole previews, never half of one.
         with open(self.output_dir / "previews.md", "a", encoding="utf-8") as f:
             f.write(text + "\n")
         with open(self.output_dir / "previews.jsonl", "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"step": step, **a}, ensure_ascii=False) + "\n" for a in answers))
+            f.write("".join(json.dumps({"step": step, **a, "compliance": c}, ensure_ascii=False) + "\n"
+                            for a, c in zip(answers, compliance)))

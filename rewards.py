@@ -25,10 +25,18 @@ For each row, the first of these that is known decides:
 Otherwise the answer counts as cut off (unverified: not rewarded). `REWARD_FUNCS` unbound
 inside TRL would see every answer as cut off; it warns once when that happens.
 
-Shapes (w = the answer's words, by common.count_words; n = the limit):
+Reading a limit (parse_word_limit, as_bound): the prompt's words give a relation, made an
+inclusive bound n. Strict comparatives exclude N, as English and IFEval do (lm-eval's
+NumberOfWords, relation "less than": w < N): "under / less than / fewer than / below /
+shorter than N words" is max N-1; "more than / over / longer than / exceeding N" is min
+N+1. "at most / no more than / within / up to / maximum / N words or less / limit to N"
+is max N; "at least / no fewer than / minimum / N+ / N words or more" is min N; "about /
+exactly / roughly / in N words" is about N. A negation in the clause turns the relation
+round ("don't use more than 40 words": max 40).
+
+Shapes (w = the answer's words, by common.count_words, IFEval's \\w+ count; n = the bound):
   word_limit_reward, in [-1, 1]; 0.0 when the prompt sets no limit.
     max n:   1 for w <= n, then linear: 0 at 2n, -1 at 3n and beyond (max(-1, 2 - w/n)).
-             "under N" and "at most N" alike: N words exactly is obeyed.
     min n:   1 for w >= n, else 2w/n - 1 (0 at n/2, -1 at 0 words).
     about n: 1 within +-max(5, 10% of n), then 1 - 2d/n for the d words beyond, floor -1.
     An empty answer (no words) gets -1; a cut-off one at most 0 (its length is unknown).
@@ -82,20 +90,25 @@ _TOK = r"(?:" + "|".join(sorted([*NUMBER_WORDS, *_SCALES], key=len, reverse=True
 _NUM_WORDS = rf"(?:an?\s+(?=hundred|thousand))?\b{_TOK}(?:(?:\s+|\s*-\s*)(?:and\s+)?{_TOK}){{0,12}}"
 _DIGITS = r"(?<![\w.,])(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?![0-9])"
 
-# Words before the number, and the kind of limit they set. Longer phrases first.
+# Words before the number, and the relation they set between an answer's words w and N.
+# Longer phrases first. Strict comparatives ("under", "less than", "fewer than", "below",
+# "shorter than"; "more than", "over", "longer than", "exceed(ing)") exclude N itself, as
+# English and IFEval (relation "less than": w < N) read them; the others include it.
 _PRE = [
     (r"no\s+more\s+than|not\s+more\s+than|no\s+longer\s+than|not\s+longer\s+than|not\s+exceeding"
-     r"|not\s+to\s+exceed|less\s+than|fewer\s+than|shorter\s+than|under|below|at\s+most|within"
-     r"|up\s+to|maximum\s+of|maximum|max|limit\s+of"
-     r"|limit(?:ed|ing|s)?(?:\s+[\w']+){0,4}?\s+to|keep(?:\s+[\w']+){0,3}?\s+to", "max"),
+     r"|not\s+to\s+exceed|at\s+most|within|up\s+to|maximum\s+of|maximum|max|limit\s+of"
+     r"|limit(?:ed|ing|s)?(?:\s+[\w']+){0,4}?\s+to|keep(?:\s+[\w']+){0,3}?\s+to", "<="),
+    (r"less\s+than|fewer\s+than|shorter\s+than|under|below", "<"),
     (r"no\s+less\s+than|not\s+less\s+than|no\s+fewer\s+than|not\s+fewer\s+than|no\s+shorter\s+than"
-     r"|at\s+least|more\s+than|longer\s+than|minimum\s+of|minimum|min|exceeding|exceed|over", "min"),
+     r"|at\s+least|minimum\s+of|minimum|min", ">="),
+    (r"more\s+than|longer\s+than|exceeding|exceed|over", ">"),
     (r"exactly|about|around|roughly|approximately|approx|close\s+to|nearly", "about"),
     (r"in", None),  # "in 50 words": about 50, unless a word after says otherwise
 ]
+# After the number: "50 words or less" includes 50, as "or" says.
 _POST = [
-    (r"or\s+(?:less|fewer|under|below|shorter)|at\s+most|maximum|max|tops|limit|cap", "max"),
-    (r"or\s+(?:more|longer|above|over)|at\s+least|minimum|min", "min"),
+    (r"or\s+(?:less|fewer|under|below|shorter)|at\s+most|maximum|max|tops|limit|cap", "<="),
+    (r"or\s+(?:more|longer|above|over)|at\s+least|minimum|min", ">="),
     (r"or\s+so|exactly", "about"),
 ]
 # "a 50-word summary": a target length, "about"; "a 50-word article" is not ours to write.
@@ -112,10 +125,21 @@ LIMIT_RE = re.compile(
 )
 _PRE_KIND = [(re.compile(rf"(?:{p})$", re.I), k) for p, k in _PRE]
 _POST_KIND = [(re.compile(rf"(?:{p})$", re.I), k) for p, k in _POST]
-# A negation just before, in the same clause, flips max and min: "don't use more than 50
-# words", "do not exceed 50 words" are limits from above.
+# A negation just before, in the same clause, turns the relation round: "don't use more
+# than 50 words" (not w > 50) is w <= 50, "do not exceed 50 words" the same.
 _NEGATED = re.compile(r"(?:\b(?:not|no|never|without)|n['’]t)\b(?:\s+[\w'’]+){0,3}\s*$", re.I)
 _CLAUSE_BREAK = re.compile(r".*[.!?;:,\n]", re.S)
+_NEGATION = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
+
+
+def as_bound(relation: str, n: int) -> tuple[str, int] | None:
+    """THE reading rule, in one place: a relation between the words w and N as the
+    inclusive bound every reward, metric and verdict uses. w < N is ("max", N - 1), w <= N
+    ("max", N), w >= N ("min", N), w > N ("min", N + 1); "about" stays ("about", N). None
+    where no answer of at least one word can obey ("under 1 word") or N is too big."""
+    kind, bound = {"<": ("max", n - 1), "<=": ("max", n), ">=": ("min", n), ">": ("min", n + 1),
+                   "about": ("about", n)}[relation]
+    return (kind, bound) if 1 <= bound <= MAX_LIMIT_WORDS else None
 
 
 def words_to_number(text: str) -> int | None:
@@ -146,7 +170,9 @@ def _kind(table, text: str | None) -> str | None:
 
 
 def parse_word_limit(text) -> tuple[str, int] | None:
-    """The word limit a prompt sets, as ("max" | "min" | "about", n), or None.
+    """The word limit a prompt sets, as an inclusive bound ("max" | "min" | "about", n), or
+    None: "under 50 words" is ("max", 49), "at most 50 words" ("max", 50), "more than 50
+    words" ("min", 51) (see as_bound; IFEval reads the strict ones the same way).
 
     Reads the user's last message when given a chat-rendered prompt. When a prompt holds
     several limits the last wins (instructions are appended). Never raises."""
@@ -157,17 +183,17 @@ def parse_word_limit(text) -> tuple[str, int] | None:
         if not n:  # "zero words", or a number too long to be a limit
             continue
         pre = " ".join(m["pre"].lower().split()) if m["pre"] else None
-        kind = _kind(_PRE_KIND, pre) or ("min" if m["plus"] else _kind(_POST_KIND, m["post"]))
-        if kind is None:
+        relation = _kind(_PRE_KIND, pre) or (">=" if m["plus"] else _kind(_POST_KIND, m["post"]))
+        if relation is None:
             if pre != "in" and not m["noun"]:
                 continue  # "Name 10 words that rhyme": a number of words, not a limit
-            kind = "about"
-        if kind != "about":
+            relation = "about"
+        if relation != "about":
             before = text[max(0, m.start() - 80): m.start()]
             clause = _CLAUSE_BREAK.sub("", before)
             if _NEGATED.search(clause):
-                kind = "min" if kind == "max" else "max"
-        found = (kind, n)
+                relation = _NEGATION[relation]
+        found = as_bound(relation, n) or found
     return found
 
 
@@ -285,17 +311,44 @@ def _valid_limit(value) -> int | None:
 
 
 def row_limit(prompt, word_limit=None) -> tuple[str, int] | None:
-    """The limit for one row: the `word_limit` column when it holds a number (data_prep's
-    templates are all limits from above, so "max", unless the prompt says "at least" /
-    "about" that same N), else whatever the prompt says."""
+    """The limit for one row: the one the prompt's text sets (what the model read), else,
+    for a prompt whose text sets none, the `word_limit` column as the most words allowed
+    ("max", n). data_prep.py writes that column as the text's own bound ("under 50 words":
+    49), so the two agree on its rows."""
     try:
         parsed = parse_word_limit(prompt)
     except Exception:  # never let a reward raise
         parsed = None
-    n = _valid_limit(word_limit)
-    if n is None:
+    if parsed is not None:
         return parsed
-    return (parsed[0] if parsed and parsed[1] == n else "max", n)
+    n = _valid_limit(word_limit)
+    return None if n is None else ("max", n)
+
+
+def describe_limit(limit: tuple[str, int]) -> str:
+    """("max", 49) -> 'at most 49 words': the bound as people and the verdicts show it."""
+    kind, n = limit
+    return f"{ {'max': 'at most', 'min': 'at least', 'about': 'about'}[kind]} {n} word{'' if n == 1 else 's'}"
+
+
+def limit_verdict(prompt, answer) -> str | None:
+    """'obeys the limit (at most 49 words)' or 'breaks the limit (...)', for the prompt's
+    limit as the rewards read it; None when the prompt sets none. The demo and the
+    training previews show it."""
+    limit = row_limit(prompt)
+    if limit is None:
+        return None
+    return f"{'obeys' if obeys(limit, answer) else 'breaks'} the limit ({describe_limit(limit)})"
+
+
+def obeys(limit: tuple[str, int], answer) -> bool:
+    """IFEval's strict check of a length instruction, on our inclusive bound: an answer
+    whose words (common.count_words, IFEval's \\w+ count) are within it (for "about", within
+    ABOUT_TOLERANCE; IFEval has no such relation). One difference: an answer with no word
+    never obeys, where IFEval counts a non-blank one ("...", "!!!") as under any maximum: an
+    untrained model's symbols would otherwise "obey" every limit."""
+    words = count_words(answer_text(answer))
+    return words > 0 and limit_score(*limit, words) == 1.0
 
 
 def _finite(x: float, lo: float = -1.0, hi: float = 1.0) -> float:
@@ -410,15 +463,16 @@ def format_reward(prompts=None, completions=None, completion_ids=None, *, ended=
 
 
 def word_limit_compliance(prompts=None, completions=None, word_limit=None, **kwargs) -> list[float | None]:
-    """For logging: 1.0 if the answer's word count obeys the prompt's limit, 0.0 if not (an
-    empty answer never does), None where there is no limit. Whether it ended is ignored."""
+    """For logging: 1.0 if the answer obeys the prompt's limit (`obeys`: IFEval's strict
+    check), 0.0 if not, None where there is no limit. Whether it ended is ignored, as IFEval
+    ignores it, so the mean over the limited prompts is IFEval's strict per-prompt accuracy
+    for the length instruction (but for answers with no word, which never obey)."""
     completions = _rows(completions)
     prompts = _rows(prompts)
     out = []
     for i, completion in enumerate(completions):
         limit = row_limit(_at(prompts, i), _at(word_limit, i))
-        words = count_words(answer_text(completion))
-        out.append(None if limit is None else float(words > 0 and limit_score(*limit, words) == 1.0))
+        out.append(None if limit is None else float(obeys(limit, completion)))
     return out
 
 

@@ -23,7 +23,7 @@ from tiny_adapters import scaled_adapter, sft_adapter
 
 PROMPT = "Explain why the sky is blue."
 LIMIT, TOKENS = 20, 24
-SENT = f"{PROMPT} Answer in under {LIMIT} words."  # the phrasing the GRPO rewards read
+SENT = f"{PROMPT} Use at most {LIMIT} words."  # a phrasing GRPO was rewarded for, LIMIT words allowed
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags, Chromium's calls home hang on an offline machine.
 # Playwright gives each launch a fresh temporary profile (--user-data-dir) by itself.
@@ -138,9 +138,9 @@ def test_request_check_without_gradio(word_limit, tokens, message):
     args = app.parse_args(["--max_new_tokens_cap", "64"])
     with pytest.raises(common.InputError, match=message):
         app.full_prompt(PROMPT, word_limit, tokens, args)
-    assert app.full_prompt(f"{PROMPT}\ncode", 7.0, 8.0, args) == (f"{PROMPT}\ncode\n\nAnswer in under 7 words.", 8)
+    assert app.full_prompt(f"{PROMPT}\ncode", 7.0, 8.0, args) == (f"{PROMPT}\ncode\n\nUse at most 7 words.", 8)
     sent, _ = app.full_prompt("Is it safe or not", 20, 8, args)  # no full stop: the limit on its own line
-    assert sent == "Is it safe or not\n\nAnswer in under 20 words." and rewards.row_limit(sent) == ("max", 20)
+    assert sent == "Is it safe or not\n\nUse at most 20 words." and rewards.row_limit(sent) == ("max", 20)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -254,3 +254,16 @@ def test_merged_export_answers_as_its_adapter_does(tiny_model_dir, adapters, dir
         app.load_merged(str(tiny_model_dir), torch.float32, "full")
     with pytest.raises(common.InputError, match="no model there"):
         app.load_merged(str(tmp_path / "nothing"), torch.float32, "full")
+
+
+def test_verdict_reads_strict_limits_as_ifeval_does():
+    """"under 50 words" allows 49: the page says so, whatever phrasing the user typed."""
+    def stats(prompt, n):
+        answer = " ".join(["word"] * n) + "."
+        return app.stats_line({"answer": answer, "words": n, "ended": True}, prompt, 64)
+
+    assert stats("Explain it in under 50 words.", 49).endswith("obeys the limit (at most 49 words)")
+    assert stats("Explain it in under 50 words.", 50).endswith("breaks the limit (at most 49 words)")
+    assert stats("Explain it. Use at most 50 words.", 50).endswith("obeys the limit (at most 50 words)")
+    assert stats("Write more than 10 words.", 10).endswith("breaks the limit (at least 11 words)")
+    assert "limit" not in stats("Explain it.", 10)

@@ -22,8 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import data_prep  # noqa: E402
 from common import InputError, format_chat  # noqa: E402
-from data_prep import WORD_LIMIT_TEMPLATES, ScriptArguments  # noqa: E402
+from data_prep import WORD_LIMIT_TEMPLATES, WORD_LIMITS, ScriptArguments  # noqa: E402
 
+# The strict comparatives, which allow at most n-1 words (as IFEval reads them).
+STRICT_TEMPLATES = {t for t in WORD_LIMIT_TEMPLATES if re.search(r"\b(?:under|less than|fewer than)\b", t)}
 OUTPUTS = ("train.jsonl", "eval.jsonl", "grpo_prompts.jsonl", "heldout_prompts.jsonl")
 T0 = datetime(2023, 2, 1, tzinfo=timezone.utc)
 
@@ -133,6 +135,9 @@ def write_input(path: Path, rows: list) -> Path:
 
 
 def run(tmp_path: Path, rows: list, name: str = "in.jsonl", out: str = "out", **kwargs):
+    # Concise examples change the last user turn of some train rows; the tests of the other
+    # steps read the rows as the input has them, so they are off unless a test asks.
+    kwargs.setdefault("concise_share", 0.0)
     src = write_input(tmp_path / name, rows)
     args = ScriptArguments(dataset_name=str(src), output_dir=str(tmp_path / out), **kwargs)
     return data_prep.main(args), tmp_path / out
@@ -254,7 +259,7 @@ def test_rows_are_text_and_messages_and_text_is_format_chat(tmp_path):
         rows = read_jsonl(out / name)
         assert rows
         for row in rows:
-            assert set(row) == {"text", "messages"}
+            assert set(row) == {"text", "messages", "word_limit"} and row["word_limit"] is None
             assert row["text"] == format_chat(row["messages"])
             roles = [m["role"] for m in row["messages"]]
             assert roles == ["user", "assistant"] * (len(roles) // 2)
@@ -336,7 +341,8 @@ def test_prompts_come_from_the_right_side_with_varied_word_limits(tmp_path):
                 bases.append(row["prompt"])
             else:
                 template, n, base = parsed
-                assert n == row["word_limit"] and 20 <= n <= 150
+                assert 20 <= n <= 150  # the bound: "under 50 words" allows 49
+                assert row["word_limit"] == (n - 1 if template in STRICT_TEMPLATES else n)
                 templates.add(template)
                 bases.append(base)
         assert set(bases) <= side and not set(bases) & other
@@ -345,6 +351,67 @@ def test_prompts_come_from_the_right_side_with_varied_word_limits(tmp_path):
         assert limited == round(0.5 * len(rows))
     assert summary["grpo_prompts"] == len(read_jsonl(out / "grpo_prompts.jsonl"))
     assert len(templates) >= 5
+
+
+def concise_input(reply_words: list[int]) -> list[dict]:
+    """One single-turn tree per reply length, and a two-turn one whose last reply is short."""
+    rows = []
+    for t, n in enumerate(reply_words):
+        rows.append(msg(f"q{t}", None, "prompter", f"T{t}", text=f"Question {t}: why?"))
+        rows.append(msg(f"r{t}", f"q{t}", "assistant", f"T{t}", rank=0, text=" ".join(f"w{t}x{i}" for i in range(n))))
+    rows += [msg("m0", None, "prompter", "M", text="Tell me a story"), msg("m1", "m0", "assistant", "M", rank=0, text="No."),
+             msg("m2", "m1", "prompter", "M", text="Please, a short one", minute=1),
+             msg("m3", "m2", "assistant", "M", rank=0, minute=2, text="Once there was a fox. The end.")]
+    return rows
+
+
+CONCISE_WORDS = [1, 5, 19, 20, 24, 40, 60, 99, 100, 140, 149, 150, 151, 300] * 6
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_concise_examples_are_real_replies_that_obey_their_limit(tmp_path, share):
+    rows = concise_input(CONCISE_WORDS)
+    plain, out0 = run(tmp_path, rows, out="plain", eval_fraction=0.2)
+    summary, out = run(tmp_path, rows, out="concise", eval_fraction=0.2, concise_share=share)
+    before, after = read_jsonl(out0 / "train.jsonl"), read_jsonl(out / "train.jsonl")
+    assert len(before) == len(after) == summary["examples_train"]
+    eligible = [r for r in before if 1 <= len(r["messages"][-1]["content"].split()) <= 149]  # fits every phrasing
+    assert summary["concise_eligible"] == len(eligible) and 0 < len(eligible) < len(before)
+    limited = [(a, b) for a, b in zip(after, before) if a["word_limit"] is not None]
+    assert summary["examples_train_word_limited"] == len(limited) == round(share * len(eligible))
+    assert any(len(a["messages"]) == 4 for a, _ in limited) or share < 1
+    for a, b in zip(after, before):
+        if a["word_limit"] is None:
+            assert a == b  # untouched
+            continue
+        reply, user = a["messages"][-1]["content"], a["messages"][-2]["content"]
+        assert a["messages"][:-2] == b["messages"][:-2] and a["messages"][-1] == b["messages"][-1]  # the reply, whole
+        template, n, base = template_of(user)
+        assert base == b["messages"][-2]["content"] and a["text"] == format_chat(a["messages"])
+        assert a["word_limit"] == (n - 1 if template in STRICT_TEMPLATES else n)
+        words = len(reply.split())
+        assert words <= a["word_limit"]  # it obeys the limit it was given
+        fitting = [m for m in WORD_LIMITS if (m - 1 if template in STRICT_TEMPLATES else m) >= words]
+        assert n in fitting[:3]  # one of the tightest that fit: the limit binds
+    # Held out: nothing added, and nothing else changed by it.
+    assert all(r["word_limit"] is None for r in read_jsonl(out / "eval.jsonl"))
+    for name in ("eval.jsonl", "grpo_prompts.jsonl", "heldout_prompts.jsonl"):
+        assert (out / name).read_bytes() == (out0 / name).read_bytes()
+    assert plain["examples_train_word_limited"] == 0
+
+
+def test_concise_share_default_and_range(tmp_path):
+    assert ScriptArguments().concise_share == 0.3
+    summary, _ = run(tmp_path, concise_input(CONCISE_WORDS), eval_fraction=0, concise_share=0.3)
+    assert summary["examples_train_word_limited"] == round(0.3 * summary["concise_eligible"])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InputError, match=rf"^--concise_share must be between 0 and 1 .*got {bad}$"):
+            run(tmp_path, fixture_rows(), concise_share=bad)
+    result = subprocess.run([sys.executable, str(ROOT / "data_prep.py"), "--dataset_name", "x.jsonl",
+                             "--concise_share", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["data_prep: error: --concise_share must be between 0 and 1 "
+                                                  "(a share of the train conversations), got 2.0"]
 
 
 def test_word_limit_templates_hold_n_once():
@@ -377,7 +444,7 @@ def test_hub_source_reads_train_and_validation(tmp_path, monkeypatch):
         train=datasets.Dataset.from_list(rows[:20]), validation=datasets.Dataset.from_list(rows[20:])
     )
     monkeypatch.setattr(datasets, "load_dataset", lambda name: splits if name == "OpenAssistant/oasst1" else None)
-    hub = data_prep.main(ScriptArguments(output_dir=str(tmp_path / "hub")))
+    hub = data_prep.main(ScriptArguments(output_dir=str(tmp_path / "hub"), concise_share=0.0))
     flat, out_flat = run(tmp_path, rows, out="flat")
     for name in OUTPUTS:
         assert (tmp_path / "hub" / name).read_bytes() == (out_flat / name).read_bytes()

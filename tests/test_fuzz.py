@@ -194,16 +194,31 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
+def without_limit(text: str, word_limit: int | None) -> str:
+    """A prompt or user turn without the word-limit instruction data_prep appended, whose
+    bound is `word_limit` ("under 50 words": 49, so N is word_limit or word_limit + 1)."""
+    if word_limit is None:
+        return text
+    for template in data_prep.WORD_LIMIT_TEMPLATES:
+        for n in (word_limit, word_limit + 1):
+            instruction = template.format(n=n)
+            for sep in (" ", "\n\n"):
+                if text.endswith(sep + instruction) and n in data_prep.WORD_LIMITS:
+                    assert data_prep.limit_of(template, n) == word_limit
+                    return text[: -len(sep + instruction)]
+    raise AssertionError(f"no word-limit instruction for {word_limit} at the end of {text!r}")
+
+
 def base_prompt(row: dict) -> str:
     """A GRPO prompt without the word-limit instruction data_prep appended."""
-    if row["word_limit"] is None:
-        return row["prompt"]
-    for template in data_prep.WORD_LIMIT_TEMPLATES:
-        instruction = template.format(n=row["word_limit"])
-        for sep in (" ", "\n\n"):
-            if row["prompt"].endswith(sep + instruction):
-                return row["prompt"][: -len(sep + instruction)]
-    raise AssertionError(f"no word-limit instruction at the end of {row['prompt']!r}")
+    return without_limit(row["prompt"], row["word_limit"])
+
+
+def first_prompt(row: dict) -> str:
+    """A conversation's opening prompt as the input had it (a concise example's limit is on
+    its last user turn, the first one in a single-turn conversation)."""
+    first = row["messages"][0]["content"]
+    return without_limit(first, row["word_limit"]) if len(row["messages"]) == 2 else first
 
 
 def check_outputs(out: Path, summary: dict, args) -> None:
@@ -213,14 +228,20 @@ def check_outputs(out: Path, summary: dict, args) -> None:
     assert train and len(train) == summary["examples_train"] <= args.max_examples
     assert len(held_out) == summary["examples_eval"]
     for row in train + held_out:
-        assert set(row) == {"text", "messages"} and row["text"] == format_chat(row["messages"])
+        assert set(row) == {"text", "messages", "word_limit"} and row["text"] == format_chat(row["messages"])
         roles = [m["role"] for m in row["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         assert all(m["content"] and m["content"] == m["content"].strip() for m in row["messages"])
+        if row["word_limit"] is not None:  # a concise example: its own reply obeys the limit its last turn sets
+            without_limit(row["messages"][-2]["content"], row["word_limit"])
+            assert rewards.parse_word_limit(row["messages"][-2]["content"]) == ("max", row["word_limit"])
+            assert 1 <= count_words(row["messages"][-1]["content"]) <= row["word_limit"]
+    assert all(row["word_limit"] is None for row in held_out)
+    assert sum(row["word_limit"] is not None for row in train) == summary["examples_train_word_limited"]
     # The split is by tree, and trees with the same opening prompt stay together.
     key = data_prep.prompt_key
-    train_keys = {key(r["messages"][0]["content"]) for r in train}
-    eval_keys = {key(r["messages"][0]["content"]) for r in held_out}
+    train_keys = {key(first_prompt(r)) for r in train}
+    eval_keys = {key(first_prompt(r)) for r in held_out}
     assert not train_keys & eval_keys
     assert summary["trees_train"] + summary["trees_eval"] == summary["trees_with_conversations"]
     assert summary["messages_kept"] + sum(summary["dropped"].values()) == summary["messages_read"]
@@ -232,7 +253,7 @@ def check_outputs(out: Path, summary: dict, args) -> None:
             assert set(r) == {"prompt", "word_limit"}
             assert keys is None or key(base_prompt(r)) in keys
             if r["word_limit"] is not None:
-                assert r["word_limit"] in data_prep.WORD_LIMITS
+                assert r["word_limit"] in data_prep.WORD_LIMITS or r["word_limit"] + 1 in data_prep.WORD_LIMITS
                 assert rewards.parse_word_limit(r["prompt"]) == ("max", r["word_limit"]), r["prompt"]
                 assert rewards.row_limit(r["prompt"], r["word_limit"]) == ("max", r["word_limit"])
     assert len(grpo) == summary["grpo_prompts"] and len(heldout_prompts) == summary["heldout_prompts"]
@@ -470,7 +491,10 @@ def test_data_prep_random_forests_in_every_format(rows, strategy, lang, eval_fra
     assert summary["examples_train_before_cap"] + summary["examples_eval"] == expected
     out = outputs["in.jsonl"]
     for line in (out["train.jsonl"] + out["eval.jsonl"]).decode().split("\n")[:-1]:
-        messages = json.loads(line)["messages"]
+        row = json.loads(line)
+        messages = [dict(m) for m in row["messages"]]
+        if row["word_limit"] is not None:  # a concise example: its last user turn as the input had it
+            messages[-2]["content"] = without_limit(messages[-2]["content"], row["word_limit"])
         ids = traced(messages)
         first = kept[ids[0]]
         assert first["parent_id"] in kept and kept[first["parent_id"]]["parent_id"] is None
@@ -701,7 +725,9 @@ def test_parse_word_limit_reads_any_prompt(text):
 @fuzz(100)
 @given(n=st.integers(1, 999_999), and_=st.booleans(), before=st.sampled_from(["", "Why? ", "List 3 things. "]))
 def test_spelled_out_limits_read_as_numbers(n, and_, before):
-    assert rewards.parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == ("max", n)
+    assert rewards.parse_word_limit(f"{before}Use at most {spell(n, and_)} words.") == ("max", n)
+    assert rewards.parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == (
+        ("max", n - 1) if n > 1 else None)  # strict: "under N" allows N-1
     assert rewards.parse_word_limit(f"{before}Use at least {n:,} words.") == ("min", n)
 
 
@@ -878,5 +904,5 @@ def test_found_rewards_long_run_of_number_words_takes_linear_time(run):
 
     text = "Answer in under 50 words. " + run * (16_000 // len(run))
     start = time.process_time()
-    assert rewards.parse_word_limit(text) == ("max", 50)
+    assert rewards.parse_word_limit(text) == ("max", 49)
     assert time.process_time() - start < 2.0  # about 0.1 s now

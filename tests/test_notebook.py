@@ -137,7 +137,7 @@ def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     (sft_cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("!python sft_qlora.py")]
     assert sum(o.output_type == "stream" for o in sft_cell.outputs) > 5  # the log arrived in pieces, as it came
     # The demo page, served from the kernel, answered one request with all three models.
-    assert "**Sent:** Explain why the sky is blue. Answer in under 20 words." in streamed
+    assert "**Sent:** Explain why the sky is blue. Use at most 20 words." in streamed
     assert all(f"\n{key}: " in streamed for key in ("base", "sft", "grpo")), streamed[-2000:]
     for path in ("tiny-phi/model.safetensors", "data/train.jsonl", "sft/adapter_model.safetensors",
                  "grpo/adapter_model.safetensors", "eval/report.json"):

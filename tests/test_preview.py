@@ -100,3 +100,17 @@ def test_previews_are_skipped_past_their_share_of_training_time():
     assert not callback.within_share() and callback.skipped == 1  # 8 + 3 > 10 s
     callback.max_share = 0.0
     assert callback.within_share()  # 0: no cap
+
+
+def test_previews_show_the_limit_as_the_rewards_read_it(tmp_path):
+    """A strict limit ("under 50 words") allows 49: previews say whether each answer obeys."""
+    callback = PreviewCallback(None, tmp_path, prompts=["p"])
+    answer = " ".join(["word"] * 50) + "."
+    callback.write(3, [{"prompt": "Explain it in under 50 words.", "answer": answer, "words": 50, "ended": True},
+                       {"prompt": "Explain it in at most 50 words.", "answer": answer, "words": 50, "ended": True},
+                       {"prompt": "Explain it.", "answer": answer, "words": 50, "ended": False}])
+    md = (tmp_path / "previews.md").read_text()
+    assert "(50 words, breaks the limit (at most 49 words)):" in md
+    assert "(50 words, obeys the limit (at most 50 words)):" in md and "(50 words, cut off):" in md
+    rows = [json.loads(line) for line in (tmp_path / "previews.jsonl").read_text().splitlines()]
+    assert [r["compliance"] for r in rows] == [0.0, 1.0, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -34,15 +35,21 @@ def one(f, prompt, completion, **kwargs):
 # ---------------------------------------------------------------------------------------
 # parse_word_limit
 # ---------------------------------------------------------------------------------------
+# data_prep's phrasings and whether each is strict ("under 50 words": 49 at most), by hand.
+STRICT_TEMPLATES = {"Answer in under {n} words.", "Answer with less than {n} words.", "Respond in fewer than {n} words.",
+                    "Keep your answer under {n} words."}
+
+
 @pytest.mark.parametrize("template", data_prep.WORD_LIMIT_TEMPLATES)
-@pytest.mark.parametrize("n", [1, 7, 20, 50, 75, 150, 1000])
+@pytest.mark.parametrize("n", [2, 7, 20, 50, 75, 150, 1000])
 def test_every_data_prep_template_parses(template, n):
     instruction = template.format(n=n)
-    assert rewards.parse_word_limit(instruction) == ("max", n)
+    expected = ("max", n - 1 if template in STRICT_TEMPLATES else n)
+    assert rewards.parse_word_limit(instruction) == expected
     # As data_prep appends it, after a prompt that has numbers of its own, and chat-rendered.
     for prompt in (f"List 3 uses of Python 2 and 3. {instruction}", f"Fix this:\n\nx = 5\n\n{instruction}"):
-        assert rewards.parse_word_limit(prompt) == ("max", n)
-        assert rewards.parse_word_limit(format_prompt(prompt)) == ("max", n)
+        assert rewards.parse_word_limit(prompt) == expected
+        assert rewards.parse_word_limit(format_prompt(prompt)) == expected
 
 
 def test_data_prep_rows_parse_to_their_word_limit():
@@ -57,9 +64,11 @@ def test_data_prep_rows_parse_to_their_word_limit():
 
 
 TYPED = [
-    ("Explain photosynthesis in under 50 words.", ("max", 50)),
-    ("Describe Rome in less than fifty words", ("max", 50)),
-    ("Use fewer than twenty-five words.", ("max", 25)),
+    ("Explain photosynthesis in under 50 words.", ("max", 49)),  # strict: 50 words is not under 50
+    ("Describe Rome in less than fifty words", ("max", 49)),
+    ("Use fewer than twenty-five words.", ("max", 24)),
+    ("Keep it below 30 words.", ("max", 29)),
+    ("Make it shorter than 12 words", ("max", 11)),
     ("Summarize, no more than one hundred words", ("max", 100)),
     ("NOT MORE THAN 30 WORDS!", ("max", 30)),
     ("Reply with at most 1 word", ("max", 1)),
@@ -79,7 +88,11 @@ TYPED = [
     ("Do not exceed 120 words", ("max", 120)),
     ("Write a story of at least 300 words.", ("min", 300)),
     ("No fewer than 100 words, please.", ("min", 100)),
-    ("Write more than 500 words about it", ("min", 500)),
+    ("Write more than 500 words about it", ("min", 501)),
+    ("Write over 200 words", ("min", 201)),
+    ("Don't write under 40 words.", ("min", 40)),                # not (w < 40)
+    ("Do not use fewer than 40 words.", ("min", 40)),
+    ("Never use more than 40 words.", ("max", 40)),              # not (w > 40)
     ("Write 1,000 words or more.", ("min", 1000)),
     ("50+ words", ("min", 50)),
     ("Minimum 200 words", ("min", 200)),
@@ -91,9 +104,9 @@ TYPED = [
     ("Write a 50-word summary of this 900-word text.", ("about", 50)),
     ("Say it in three words.", ("about", 3)),
     ("Describe yourself in one word", ("about", 1)),
-    ("in under 1 WORD", ("max", 1)),
-    ("Explain it. Then answer again in under 20 words.", ("max", 20)),  # the last limit wins
-    ("at least 100 words but under 200 words", ("max", 200)),
+    ("in under 1 WORD", None),                                   # no answer with a word obeys it
+    ("Explain it. Then answer again in under 20 words.", ("max", 19)),  # the last limit wins
+    ("at least 100 words but under 200 words", ("max", 199)),
 ]
 
 
@@ -135,13 +148,14 @@ def test_number_words():
                     ("one hundred", 100), ("a hundred", 100), ("two hundred and fifty", 250),
                     ("one thousand", 1000), ("1,500", 1500), ("42", 42)]:
         assert rewards.words_to_number(text) == n
-        assert rewards.parse_word_limit(f"under {text} words") == ("max", n)
+        assert rewards.parse_word_limit(f"at most {text} words") == ("max", n)
+        assert rewards.parse_word_limit(f"under {text} words") == (("max", n - 1) if n > 1 else None)
 
 
 # ---------------------------------------------------------------------------------------
 # The rewards
 # ---------------------------------------------------------------------------------------
-LIMITED = "Explain gravity in under 50 words."
+LIMITED = "Explain gravity in no more than 50 words."
 
 
 @pytest.mark.parametrize("n_words, expected", [
@@ -415,3 +429,111 @@ def test_conciseness_gives_no_credit_below_a_real_answer():
     short, enough, longer = "word " * (n - 1), "word " * n, "word " * (3 * n)
     scores = rewards.conciseness_reward(["Q"] * 3, [short, enough, longer], ended=[True] * 3)
     assert scores[0] == 0.0 and scores[1] > scores[2] > 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement with IFEval's length check
+# ---------------------------------------------------------------------------------------
+def ifeval_follows(response: str, relation: str, num_words: int) -> bool:
+    """IFEval's strict check of "length_constraints:number_words" as lm-eval 0.4.13 has it
+    (lm_eval/tasks/ifeval: utils.test_instruction_following_strict, instructions.NumberOfWords
+    .check_following, instructions_util.count_words): a non-blank response whose count of
+    nltk RegexpTokenizer(r"\\w+") tokens is < num_words ("less than") or >= num_words ("at least")."""
+    count = len(re.findall(r"\w+", response))
+    return bool(response.strip()) and (count < num_words if relation == "less than" else count >= num_words)
+
+
+# Each phrasing with the IFEval instruction it means, written by hand: (relation, d) is
+# IFEval's relation with num_words = N + d. "under N" is "less than N"; "at most N" is
+# "less than N + 1"; "more than N" is "at least N + 1".
+PROJECT_PHRASINGS = {
+    "Answer in under {n} words.": ("less than", 0),
+    "Please keep it to no more than {n} words.": ("less than", 1),
+    "Answer with less than {n} words.": ("less than", 0),
+    "Keep it within {n} words.": ("less than", 1),
+    "Respond in fewer than {n} words.": ("less than", 0),
+    "Use at most {n} words.": ("less than", 1),
+    "(Max {n} words.)": ("less than", 1),
+    "Reply in {n} words or less.": ("less than", 1),
+    "Keep your answer under {n} words.": ("less than", 0),
+    "Limit your response to {n} words.": ("less than", 1),
+}
+OTHER_PHRASINGS = {
+    "Answer with at least {n} words.": ("at least", 0),  # IFEval's own two descriptions
+    "Answer with less than {n} words.": ("less than", 0),
+    "Your response should contain less than {n} words.": ("less than", 0),
+    "Your entire response should contain at least {n} words.": ("at least", 0),
+    "Please answer in fewer than {n} words": ("less than", 0),
+    "Keep it below {n} words.": ("less than", 0),
+    "Make it shorter than {n} words.": ("less than", 0),
+    "Write more than {n} words.": ("at least", 1),
+    "Use over {n} words": ("at least", 1),
+    "Don't use more than {n} words.": ("less than", 1),
+    "Do not exceed {n} words.": ("less than", 1),
+    "Don't write under {n} words.": ("at least", 0),
+    "It must be not less than {n} words": ("at least", 0),
+    "No fewer than {n} words, please.": ("at least", 0),
+    "Write {n} words or more.": ("at least", 0),
+    "{n}+ words": ("at least", 0),
+    "Up to {n} words.": ("less than", 1),
+    "{n} words max": ("less than", 1),
+    "Minimum {n} words.": ("at least", 0),
+}
+AGREEMENT_NS = sorted({*data_prep.WORD_LIMITS, 2, 7, 1000})
+
+
+def agreement(phrasings: dict) -> tuple[int, int]:
+    """(cases, agreeing): every phrasing, every N, answers of N-2 .. N+2 words and a blank one,
+    our compliance (as a prompt, and as data_prep's row with its word_limit) against IFEval's."""
+    cases = agree = 0
+    for template, (relation, d) in phrasings.items():
+        for n in AGREEMENT_NS:
+            prompt = f"Why is the sky blue? {template.format(n=n)}"
+            limit = rewards.parse_word_limit(prompt)
+            for w in [None, *range(max(1, n - 2), n + 3)]:
+                answer = "" if w is None else words(w)
+                expected = float(ifeval_follows(answer, relation, n + d))
+                ours = rewards.word_limit_compliance([prompt, prompt], [answer, answer + END],
+                                                     word_limit=[None, limit and limit[1]])
+                cases += 1
+                agree += ours == [expected, expected]
+    return cases, agree
+
+
+def test_project_phrasings_agree_with_ifeval():
+    """Every phrasing data_prep.py writes (and so app.py's LIMIT_INSTRUCTION), read as IFEval
+    reads it: 10 phrasings x 14 limits x 6 answers (5 for N = 2) = 830 cases, all agreeing
+    (before the strict reading, "under / less than / fewer than N" took N words as obeyed)."""
+    import app
+
+    assert set(PROJECT_PHRASINGS) == set(data_prep.WORD_LIMIT_TEMPLATES)  # a new phrasing needs its entry here
+    assert app.LIMIT_INSTRUCTION in PROJECT_PHRASINGS
+    cases, agree = agreement(PROJECT_PHRASINGS)
+    print(f"project phrasings: {agree} of {cases} cases agree with IFEval")
+    assert (cases, agree) == (830, 830)
+
+
+def test_other_phrasings_agree_with_ifeval():
+    cases, agree = agreement(OTHER_PHRASINGS)
+    print(f"other phrasings: {agree} of {cases} cases agree with IFEval")
+    assert (cases, agree) == (len(OTHER_PHRASINGS) * 83,) * 2  # 19 x 83 = 1,577
+
+
+def test_the_one_difference_from_ifeval_is_an_answer_with_no_word():
+    prompt = "Answer with less than 20 words."
+    assert ifeval_follows("...", "less than", 20) and not ifeval_follows("  ", "less than", 20)
+    assert rewards.word_limit_compliance([prompt] * 2, ["...", "  "]) == [0.0, 0.0]
+    assert rewards.word_limit_compliance([prompt], ["Fine."]) == [1.0]
+
+
+def test_the_ifeval_mirror_matches_lm_eval_if_installed():
+    """The mirror above against lm-eval's own class, where lm-eval[ifeval] is installed (it
+    is not a requirement: its import pulls in the whole harness and tries to download nltk's
+    punkt_tab)."""
+    instructions = pytest.importorskip("lm_eval.tasks.ifeval.instructions")
+    for relation in ("less than", "at least"):
+        for n in (2, 20, 50):
+            checker = instructions.NumberOfWords("length_constraints:number_words")
+            checker.build_description(num_words=n, relation=relation)
+            for w in range(max(1, n - 2), n + 3):
+                assert checker.check_following(words(w)) == ifeval_follows(words(w), relation, n)
