@@ -4,6 +4,7 @@ Phi-2 (or the tiny offline model) in 4-bit with the chat tokens ready to train."
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -264,6 +265,17 @@ class RunArguments:
     )
 
 
+def one_line_errors(parser, hint: str = "--help lists every option"):
+    """Make an argparse parser's errors an InputError (one line, exit 2) instead of its usage
+    block and message."""
+
+    def error(message):
+        raise InputError(f"{message} ({hint})")
+
+    parser.error = error
+    return parser
+
+
 def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
     """Parse `--config recipe.yaml` (default: `default_recipe`) and command-line overrides
     with TRL's parser. Mixed precision then follows the compute dtype (`pick_dtype`): fp16
@@ -284,12 +296,9 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
     recipe = argv[argv.index("--config") + 1]
     check_values(check_recipe(recipe, dataclass_types), argv, recipe)
     check_flags(argv, dataclass_types)
-    parser = TrlParser(dataclass_types)
-
-    def error(message):  # argparse would print a 200-line usage first
-        raise InputError(f"{message} (in the recipe or on the command line; --help lists every option)")
-
-    parser.error = error
+    # argparse would print a 200-line usage first
+    parser = one_line_errors(TrlParser(dataclass_types),
+                             "in the recipe or on the command line; --help lists every option")
     try:
         first = parser.parse_args_and_config([*argv, "--fp16", "False", "--bf16", "False"])
         model_args = next(a for a in first if isinstance(a, ModelConfig))
@@ -305,9 +314,12 @@ def parse_recipe(dataclass_types, argv: list[str], default_recipe) -> tuple:
 
 
 def config_error(recipe: str | None, e: Exception) -> str:
+    """A config's own check failing, as one line: its first line, the exception's name unless
+    it is the usual ValueError, and where to look."""
     kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+    first = (str(e).strip().splitlines() or [""])[0][:300]
     where = f"{recipe} or the command line" if recipe else "the command line"
-    return f"{kind}{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''} (check the values in {where})"
+    return f"{kind}{first} (check the values in {where})"
 
 
 def check_flags(argv: list[str], dataclass_types) -> None:
@@ -330,7 +342,7 @@ def check_flags(argv: list[str], dataclass_types) -> None:
 
 # Values the configs accept but a run can't use: found before any model loads, not as a
 # traceback minutes later (a NaN learning rate) or never (max_steps -5 trains whole epochs).
-_FINITE = __import__("math").isfinite
+_FINITE = math.isfinite
 VALUE_RULES = {
     "learning_rate": (lambda v: _FINITE(v) and v > 0, "a positive number"),
     "max_steps": (lambda v: v == -1 or v >= 1, "a positive whole number, or -1 to train num_train_epochs"),
@@ -402,13 +414,9 @@ def _number(text: str):
 
 
 def recipe_line(path: str, key: str) -> int | None:
-    import yaml
-
-    try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"))
-        return next((k.start_mark.line + 1 for k, _ in root.value if k.value == key), None)
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return None
+    """The line of `key` in a recipe check_recipe has already read (so it reads)."""
+    _, root = read_recipe(path)
+    return next((k.start_mark.line + 1 for k, _ in getattr(root, "value", ()) if k.value == key), None)
 
 
 def check_model_source(name: str, flag: str = "--model_name_or_path", marks=("config.json",)) -> None:
@@ -439,12 +447,7 @@ def parse_script_args(dataclass_type, argv: list[str]):
             raise InputError("--config needs a YAML file of `option: value` lines")
         recipe = argv[argv.index("--config") + 1]
     check_flags(argv, (dataclass_type,))
-    parser = TrlParser([dataclass_type])
-
-    def error(message):  # argparse would print the whole usage first
-        raise InputError(f"{message} (--help lists every option)")
-
-    parser.error = error
+    parser = one_line_errors(TrlParser([dataclass_type]))
     check_values(check_recipe(recipe, (dataclass_type,)) if recipe else {}, argv, recipe)
     try:
         (args,) = parser.parse_args_and_config(argv)

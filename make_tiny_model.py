@@ -111,14 +111,10 @@ if __name__ == "__main__":
     parser.add_argument("--vocab_size", type=int, default=1000, help="BPE vocabulary trained on the sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_steps", type=int, default=200, help="0: leave the weights random")
-    from common import InputError, check_writable, exit_on_input_error
-
-    def error(message):  # one line, not argparse's usage block
-        raise InputError(f"{message} (--help lists the options)")
+    from common import check_writable, exit_on_input_error, one_line_errors
 
     def main():
-        parser.error = error
-        args = parser.parse_args()
+        args = one_line_errors(parser, "--help lists the options").parse_args()
         check_writable(args.output_dir, "--output_dir")
         path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed,
                      pretrain_steps=args.pretrain_steps)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from common import InputError, exit_on_input_error, read_recipe
+from common import InputError, exit_on_input_error, one_line_errors, read_recipe
 
 GIB = 2**30
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
@@ -250,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu_gib", type=float, default=15.0, help="GPU memory (a T4 shows 15 GiB)")
     parser.add_argument("--gpu", default="t4", choices=sorted(SPEED), help="speed model for --auto")
     parser.add_argument("--auto", action="store_true", help="pick micro-batch, accumulation and checkpointing")
-
-    def error(message):  # one line, not argparse's usage block
-        raise InputError(f"{message} (--help lists the options)")
-
-    parser.error = error
+    one_line_errors(parser, "--help lists the options")
     args, rest = parser.parse_known_args(argv)
     recipe = load_recipe(args.config, parse_overrides(rest))
     est = estimate(recipe, args.gpu_gib)

@@ -62,7 +62,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from common import (ASSISTANT, END, PAD, USER, InputError, check_writable, count_words, exit_on_input_error, json_error,
-                    write_jsonl_atomic)
+                    one_line_errors, write_jsonl_atomic)
 
 CONCISENESS_TARGET_WORDS = 200
 # Below this an answer is too short to be "concise": no credit, or GRPO finds that one word
@@ -629,11 +629,7 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument("pairs", help="JSONL file of prompt/completion pairs")
     parser.add_argument("--out", help="also write the scored rows here (JSONL)")
-
-    def error(message):  # one line, as every other mistake gets, not argparse's usage block
-        raise InputError(f"{message} (--help lists the options)")
-
-    parser.error = error
+    one_line_errors(parser, "--help lists the options")  # as every other mistake gets, not argparse's usage block
     args = parser.parse_args(argv)
     if args.out and Path(args.out).resolve() == Path(args.pairs).resolve():
         raise InputError(f"{args.out}: --out is the input file; pick another path")
