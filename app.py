@@ -8,7 +8,7 @@
 
 Adapters share one base in memory and take turns on it (`set_adapter`); the base answers
 with them switched off (`disable_adapter`). Merged exports are plain transformers models,
-each loaded whole. Answers are greedy (preview_callback.generate_answers, as in training
+each loaded whole. Answers are greedy (phi2qlora/answers.py, as in training
 previews), so a prompt gets the same answer every time.
 
 From Python (a notebook):
@@ -28,23 +28,21 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
-import torch
+from phi2qlora.answers import generate_answers
+from phi2qlora.args import parse_script_args
+from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import check_adapter_folder, is_adapter_folder
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, nf4_config, pick_dtype
+from phi2qlora.word_limits import LIMIT_INSTRUCTION, limit_verdict, with_instruction
 
-import rewards
-from common import (CHAT_TOKENS, InputError, exit_on_input_error, load_adapter, load_base_model, load_chat_tokenizer,
-                    parse_script_args, pick_dtype, with_instruction)
-from data_prep import WORD_LIMIT_TEMPLATES
-from preview_callback import DEFAULT_PROMPTS, generate_answers
+if TYPE_CHECKING:
+    import gradio as gr
 
 DEFAULT_SFT = "outputs/phi2-oasst1-qlora"  # sft_qlora.py's default output_dir
 DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
-# The phrasing appended for the page's word limit N: one GRPO was rewarded for obeying (one of
-# data_prep.py's templates), and inclusive, so N words obey the limit N (rewards.py reads
-# "under N" as at most N-1, as IFEval does).
-LIMIT_INSTRUCTION = "Use at most {n} words."
-assert LIMIT_INSTRUCTION in WORD_LIMIT_TEMPLATES, LIMIT_INSTRUCTION
 MAX_WORD_LIMIT = 1000
 MIN_NEW_TOKENS = 8  # the slider's low end
 WEIGHTS = ("auto", "nf4", "dequantized", "full")  # see weights_for
@@ -125,11 +123,11 @@ def adapter_folders(args: AppArguments) -> dict[str, str]:
     found = {}
     for name, given, default in (("sft", args.sft, DEFAULT_SFT), ("grpo", args.grpo, DEFAULT_GRPO)):
         folder = given or default
-        if (Path(folder) / "adapter_config.json").is_file():
+        if is_adapter_folder(folder):
             found[name] = folder
         elif given:
-            raise InputError(f"--{name} {given}: no adapter there (adapter_config.json missing); give the "
-                             f"output directory of {'sft_qlora.py' if name == 'sft' else 'grpo_train.py'}")
+            check_adapter_folder(given, f"--{name}", "give the output directory of "
+                                 + ("sft_qlora.py" if name == "sft" else "grpo_train.py"))
         else:
             print(f"[app] no {name.upper()} adapter in {default} (not trained yet?): its column is left out")
     if not found:
@@ -147,6 +145,8 @@ def weights_for(args: AppArguments, merged: bool) -> str:
     there; on CUDA they stay packed (Phi-2 in about 2 GB). `nf4` on a CPU with AVX512-BF16 is
     bitsandbytes' packed bf16 kernel: faster than fp32, but not the arithmetic the adapters
     were checked in, so never the default."""
+    import torch
+
     if args.weights not in WEIGHTS:
         raise InputError(f"--weights {args.weights!r}: expected one of {', '.join(WEIGHTS)}")
     if args.weights != "auto":
@@ -158,6 +158,8 @@ def weights_for(args: AppArguments, merged: bool) -> str:
 
 def packed_note(weights: str) -> str:
     """Which kernel `nf4` runs on this CPU: bitsandbytes' packed bf16 one needs AVX512-BF16."""
+    import torch
+
     if weights != "nf4" or torch.cuda.is_available():
         return ""
     from bitsandbytes.functional import has_avx512bf16
@@ -176,7 +178,9 @@ def load_base(args: AppArguments, tokenizer, dtype, weights: str):
 
 def load_merged(folder: str, dtype, weights: str):
     """A merged export: a plain transformers model folder whose tokenizer has the chat tokens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    import torch
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(folder) / "config.json").is_file():
         raise InputError(f"--merged {folder}: no model there (config.json missing); give a folder "
@@ -186,10 +190,7 @@ def load_merged(folder: str, dtype, weights: str):
         raise InputError(f"--merged {folder}: the tokenizer there lacks the chat tokens {missing}; "
                          "export the model with export_model.py")
     tokenizer = load_chat_tokenizer(folder)
-    quantization = None
-    if weights != "full":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    quantization = None if weights == "full" else nf4_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, quantization_config=quantization, use_safetensors=True, attn_implementation="sdpa",
         device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
@@ -200,6 +201,8 @@ def load_merged(folder: str, dtype, weights: str):
 
 def load_columns(args: AppArguments) -> list[Column]:
     """Every model the page shows, loaded. Paths are checked before anything loads."""
+    import torch
+
     check_limits(args)
     adapters = adapter_folders(args)
     dtype = pick_dtype(args.dtype)
@@ -276,7 +279,7 @@ def stats_line(answer: dict, prompt: str, max_new_tokens: int) -> str:
     counts them, the limit read from the prompt as the GRPO rewards read it."""
     words = f"{answer['words']} word" + ("" if answer["words"] == 1 else "s")
     parts = [f"**{words}**", "ended" if answer["ended"] else f"cut off at {max_new_tokens} tokens"]
-    if verdict := rewards.limit_verdict(prompt, answer["answer"]):
+    if verdict := limit_verdict(prompt, answer["answer"]):
         parts.append(verdict)
     return " · ".join(parts)
 
@@ -284,6 +287,9 @@ def stats_line(answer: dict, prompt: str, max_new_tokens: int) -> str:
 def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, max_new_tokens):
     """Yield the page's outputs (the prompt as sent, then answer and stats per column) as
     each model finishes. Errors become a message in the page, never a traceback."""
+    import gradio as gr
+    import torch
+
     try:
         sent, tokens = full_prompt(prompt, word_limit, max_new_tokens, args)
     except InputError as e:
@@ -305,15 +311,11 @@ def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, ma
 # ---------------------------------------------------------------------------------------
 # The page.
 # ---------------------------------------------------------------------------------------
-# System fonts: the default theme fetches Google Fonts, which an offline machine (or a
-# private one) should not need to render a page.
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "monospace"])
-
-
 def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Blocks:
     """The page: a prompt box, an optional word limit and a max-tokens slider; one column
     per model with its greedy answer and word count. Queued, one generation at a time."""
+    import gradio as gr
+
     args = args or AppArguments()
     with gr.Blocks(title="phi2-qlora: base vs fine-tuned", analytics_enabled=False) as demo:
         gr.Markdown("## Phi-2, before and after fine-tuning\nThe same prompt to each model; greedy answers, "
@@ -353,8 +355,13 @@ def launch(demo: gr.Blocks, args: AppArguments | None = None, **kwargs):
     args = args or AppArguments()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[app] listening on {args.host}: reachable from other machines on this network")
+    import gradio as gr
+
+    # System fonts: the default theme fetches Google Fonts, which an offline machine (or a
+    # private one) should not need to render a page.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     return demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                       show_error=False, theme=THEME, **kwargs)
+                       show_error=False, theme=theme, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> AppArguments:

@@ -49,13 +49,10 @@ survive the filters, and 4,263 trees give conversations.
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import json
 import math
 import random
 import sys
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,32 +60,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import rewards
-from common import (InputError, check_writable, count_words, exit_on_input_error, format_chat, json_error,
-                    load_chat_tokenizer, parse_script_args, reserved_text_in,
-                    with_instruction, write_jsonl_atomic)
+from phi2qlora.args import parse_script_args
+from phi2qlora.chat import format_chat, reserved_text_in
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import BadLine, check_writable, jsonl_lines, parse_json_line, write_jsonl_atomic
+from phi2qlora.model import load_chat_tokenizer
+from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS, count_words, limit_of, with_instruction
 
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
 
-# Word-limit instructions for GRPO prompts, held-out prompts and concise SFT examples.
-# Varied, so the policy learns to read the limit rather than one fixed sentence. Each holds
-# `{n}` exactly once. rewards.parse_word_limit reads them (tested against IFEval's check):
-# the strict ones ("under", "less than", "fewer than") allow at most n-1 words, the others
-# at most n; a row's `word_limit` is that bound, the most words that obey.
-WORD_LIMIT_TEMPLATES = [
-    "Answer in under {n} words.",
-    "Please keep it to no more than {n} words.",
-    "Answer with less than {n} words.",
-    "Keep it within {n} words.",
-    "Respond in fewer than {n} words.",
-    "Use at most {n} words.",
-    "(Max {n} words.)",
-    "Reply in {n} words or less.",
-    "Keep your answer under {n} words.",
-    "Limit your response to {n} words.",
-]
-WORD_LIMITS = (20, 25, 30, 40, 50, 60, 75, 80, 100, 120, 150)
 # A concise SFT example's limit is drawn from the smallest few of WORD_LIMITS that its reply
 # obeys, so the limit binds (the reply is near it), not one far above any answer.
 CONCISE_TIGHTEST = 3
@@ -205,23 +186,6 @@ def source_kind(name: str) -> str:
     return kind
 
 
-def jsonl_lines(path: str):
-    """(where, line as bytes) for each non-blank line; `decode` makes it text. Read by hand:
-    the `datasets` JSON loader does not say which line is bad. Bytes, not a text-mode file,
-    because that decodes 8 KB ahead and blames an earlier line for a bad byte. Lines end in
-    \n, as JSON Lines says (\r\n works too); a UTF-8 byte-order mark is skipped."""
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for lineno, line in enumerate(tqdm(f, desc="reading", unit=" lines", disable=None), 1):
-                if lineno == 1 and line.startswith(codecs.BOM_UTF8):
-                    line = line[len(codecs.BOM_UTF8):]
-                if line.strip():
-                    yield f"{path}:{lineno}", line
-    except (OSError, EOFError, zlib.error) as e:  # a damaged .gz raises any of these
-        raise InputError(f"{path}: cannot read it: {one_line(e)}") from None
-
-
 def parquet_rows(path: str):
     import pyarrow.parquet as pq  # only this source needs it
 
@@ -274,7 +238,7 @@ def hub_rows(name: str):
 
 
 def read_messages(args: ScriptArguments, kind: str, summary: dict) -> list[dict]:
-    records = {"trees": jsonl_lines, "jsonl": jsonl_lines, "parquet": parquet_rows, "hub": hub_rows}[kind]
+    records = {"trees": jsonl_records, "jsonl": jsonl_records, "parquet": parquet_rows, "hub": hub_rows}[kind]
     unit = "line" if kind in ("trees", "jsonl") else "row"
     messages, first_seen, skipped = [], {}, []
     for where, record in records(args.dataset_name):
@@ -296,20 +260,20 @@ def read_messages(args: ScriptArguments, kind: str, summary: dict) -> list[dict]
     return messages
 
 
+def jsonl_records(path: str):
+    """(where, line as bytes) for each non-blank line; `decode` makes it a JSON value."""
+    for n, raw in jsonl_lines(path, progress=True):
+        yield f"{path}:{n}", raw
+
+
 def decode(record):
     """A line of a JSONL file (bytes) -> its JSON value; a parquet or Hub row already is one."""
     if not isinstance(record, bytes):
         return record
     try:
-        return json.loads(record.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadRow(f"not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise BadRow(f"malformed JSON ({json_error(e)})") from None
-    except RecursionError:
-        raise BadRow("JSON nested too deeply to read") from None
-    except ValueError:  # Python reads no integer of more than 4,300 digits
-        raise BadRow("a number too long to read (over 4,300 digits)") from None
+        return parse_json_line(record)
+    except BadLine as e:
+        raise BadRow(str(e)) from None
 
 
 def check_unique_ids(batch: list[dict], first_seen: dict) -> None:
@@ -589,13 +553,6 @@ def sft_rows(trees: list) -> list[dict]:
     return rows
 
 
-def limit_of(template: str, n: int) -> int:
-    """The most words that obey `template` with `n`, as the rewards read it ("under 50": 49)."""
-    kind, bound = rewards.parse_word_limit(template.format(n=n))
-    assert kind == "max", template  # every template is a limit from above (tested)
-    return bound
-
-
 def concise_limit(words: int, rng: random.Random) -> tuple[str, int] | None:
     """A limit instruction that a reply of `words` words obeys, and its bound: a random
     phrasing, N from the CONCISE_TIGHTEST smallest of WORD_LIMITS that fit. None if none fits."""
@@ -610,7 +567,7 @@ def concise_limit(words: int, rng: random.Random) -> tuple[str, int] | None:
 def add_concise_limits(rows: list[dict], share: float, rng: random.Random) -> tuple[list[dict], int]:
     """A `share` of the rows whose last reply obeys a limit that every phrasing can express
     (at most min bound of max(WORD_LIMITS), 149 words) get that limit appended to their last
-    user turn (common.with_instruction, as the prompt files add it) and `word_limit` set to its
+    user turn (with_instruction, as the prompt files add it) and `word_limit` set to its
     bound. The reply is the volunteer's own, whole: a row is never cut to fit. Returns the
     rows (new dicts, in the same order) and how many were eligible."""
     ceiling = min(limit_of(t, max(WORD_LIMITS)) for t in WORD_LIMIT_TEMPLATES)
@@ -761,10 +718,7 @@ def check_not_overwriting_input(name: str, kind: str, out_dir: Path) -> None:
         if any((out_dir / f).resolve() == source for f in OUTPUT_FILES):
             raise InputError(f"{name}: the input is one of the output files; pick another --output_dir")
     # Found now, not after the whole read: a file where the directory (or its parent) should be,
-    # or a directory where an output file should be.
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise InputError(f"{out_dir}: cannot be the output directory, {existing} is a file; pick another --output_dir")
+    # a folder the OS won't let us write, or a directory where an output file should be.
     check_writable(out_dir, "--output_dir")
     for f in OUTPUT_FILES:
         if (out_dir / f).is_dir():

@@ -14,19 +14,19 @@ metrics table, then the models' answers side by side for a sample of prompts) an
 
 Metrics, per model (w = an answer's words, counted as the rewards count them):
   word_limit_compliance  share of prompts with a word limit whose answer obeys it
-                         (rewards.word_limit_compliance: IFEval's strict per-prompt
+                         (word_limit_compliance: IFEval's strict per-prompt
                          accuracy for the length instruction; "under 50 words" allows
                          at most 49; an answer with no word never obeys)
   mean_words, median_words
   end_of_turn_rate       share of answers that ended with <|end|> within max_new_tokens
-  repetition_rate        share of answers whose rewards.repetition() score is above
-                         rewards.REPETITION_FREE (0.3), where format_reward starts to
+  repetition_rate        share of answers whose repetition() score is above
+                         REPETITION_FREE (0.3), where format_reward starts to
                          penalise repetition: a quarter of the word 4-grams repeated, or
                          text that compresses like "!!!!"
   empty_rate             share of answers with no words
-  <reward> per reward    mean of each of rewards.REWARD_FUNCS over all prompts (the word
+  <reward> per reward    mean of each of REWARD_FUNCS over all prompts (the word
                          limit reward is 0 for prompts without a limit), and `reward`,
-                         their sum weighted by rewards.DEFAULT_WEIGHTS, as GRPO logs it
+                         their sum weighted by REWARD_WEIGHTS, as GRPO logs it
 Greedy decoding, so the same weights give the same answers; `--seed` picks the prompts
 shown in report.md.
 """
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import statistics
 import sys
@@ -43,18 +42,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import rewards
-from common import (
-    InputError,
-    exit_on_input_error,
-    load_adapter,
-    load_base_model,
-    load_chat_tokenizer,
-    parse_script_args,
-    pick_dtype,
-    read_prompt_rows,
-    write_atomic,
+from phi2qlora.args import parse_script_args
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import atomic_path, check_adapter_folder, read_prompt_rows, write_atomic
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from phi2qlora.rewards import (
+    REPETITION_FREE,
+    REWARD_FUNCS,
+    REWARD_WEIGHTS,
+    repetition,
+    score,
+    weighted_total,
+    word_limit_compliance,
 )
+from phi2qlora.word_limits import describe_limit, row_limit
 
 MODELS = ("base", "sft", "grpo")
 
@@ -97,9 +98,9 @@ def requested_models(args: EvalArguments) -> dict[str, str | None]:
     dirs = {"base": None, "sft": args.sft_adapter, "grpo": args.grpo_adapter}
     script = {"sft": "sft_qlora.py", "grpo": "grpo_train.py"}
     for name in names:
-        if name != "base" and not (Path(dirs[name]) / "adapter_config.json").is_file():
-            raise InputError(f"--{name}_adapter {dirs[name]}: no adapter there (adapter_config.json missing); "
-                             f"run {script[name]} first, pass its output dir, or leave {name} out of --models")
+        if name != "base":
+            check_adapter_folder(dirs[name], f"--{name}_adapter",
+                                 f"run {script[name]} first, pass its output dir, or leave {name} out of --models")
     return {name: dirs[name] for name in names}
 
 
@@ -132,7 +133,7 @@ def generate_all(model, tokenizer, names: list[str], prompts: list[str], args: E
     import torch
     from tqdm.auto import tqdm
 
-    from preview_callback import generate_answers
+    from phi2qlora.answers import generate_answers
 
     starts = range(0, len(prompts), args.batch_size)
     results = {}
@@ -156,15 +157,15 @@ def score_answers(rows: list[dict], answers: list[dict]) -> list[dict]:
     limits = [r["word_limit"] for r in rows]
     texts = [a["answer"] for a in answers]
     ended = [a["ended"] for a in answers]
-    scores = rewards.score(prompts, texts, ended=ended, word_limit=limits)
-    compliance = rewards.word_limit_compliance(prompts, texts, word_limit=limits)
+    scores = score(prompts, texts, ended=ended, word_limit=limits)
+    compliance = word_limit_compliance(prompts, texts, word_limit=limits)
     return [{
         "prompt": row["prompt"],
         "word_limit": row["word_limit"],
         "answer": answer["answer"],
         "words": answer["words"],
         "ended": answer["ended"],
-        "repetition": round(rewards.repetition(answer["answer"]), 4),
+        "repetition": round(repetition(answer["answer"]), 4),
         "compliance": compliance[i],
         "rewards": {name: values[i] for name, values in scores.items()},
     } for i, (row, answer) in enumerate(zip(rows, answers))]
@@ -185,12 +186,12 @@ def summarise(scored: list[dict]) -> dict:
         "mean_words": mean(words),
         "median_words": statistics.median(words),
         "end_of_turn_rate": mean(a["ended"] for a in scored),
-        "repetition_rate": mean(a["repetition"] > rewards.REPETITION_FREE for a in scored),
+        "repetition_rate": mean(a["repetition"] > REPETITION_FREE for a in scored),
         "empty_rate": mean(a["words"] == 0 for a in scored),
     }
-    for f in rewards.REWARD_FUNCS:
+    for f in REWARD_FUNCS:
         metrics[f.__name__] = mean(a["rewards"][f.__name__] for a in scored)
-    metrics["reward"] = sum(w * metrics[name] for name, w in rewards.DEFAULT_WEIGHTS.items())
+    metrics["reward"] = weighted_total(metrics)  # as GRPO logs `reward`
     return metrics
 
 
@@ -204,7 +205,7 @@ COLUMNS = [  # (metric, header, format)
     ("end_of_turn_rate", "ended", ".2f"),
     ("repetition_rate", "repetitive", ".2f"),
     ("empty_rate", "empty", ".2f"),
-    *((f.__name__, f.__name__.removesuffix("_reward").replace("_", " "), "+.2f") for f in rewards.REWARD_FUNCS),
+    *((f.__name__, f.__name__.removesuffix("_reward").replace("_", " "), "+.2f") for f in REWARD_FUNCS),
     ("reward", "reward (weighted)", "+.2f"),
 ]
 
@@ -235,14 +236,14 @@ def report_markdown(report: dict, shown: list[int]) -> str:
         f"{' in 4-bit NF4' if settings['load_in_4bit'] else ''}, compute dtype {settings['compute_dtype']}.\n",
         metrics_table(report["metrics"]) + "\n",
         "Compliance: share of the word-limited prompts obeyed. Ended: the answer closed its turn with "
-        "`<|end|>` within the token cap. Repetitive: rewards.repetition above "
-        f"{rewards.REPETITION_FREE}. Rewards: means of rewards.py's rewards; weighted with "
-        + ", ".join(f"{name} {w:g}" for name, w in rewards.DEFAULT_WEIGHTS.items()) + ".\n",
+        "`<|end|>` within the token cap. Repetitive: repetition above "
+        f"{REPETITION_FREE}. Rewards: means of rewards.py's rewards; weighted with "
+        + ", ".join(f"{name} {w:g}" for name, w in REWARD_WEIGHTS.items()) + ".\n",
         f"## Answers side by side ({len(shown)} of {len(first)} prompts, seed {settings['seed']})\n",
     ]
     for i in shown:
-        limit = rewards.row_limit(first[i]["prompt"], first[i]["word_limit"])  # as the compliance column reads it
-        parts.append(f"### Prompt {i + 1}" + (f" (limit: {rewards.describe_limit(limit)})" if limit else "") + "\n")
+        limit = row_limit(first[i]["prompt"], first[i]["word_limit"])  # as the compliance column reads it
+        parts.append(f"### Prompt {i + 1}" + (f" (limit: {describe_limit(limit)})" if limit else "") + "\n")
         parts.append("> " + "\n> ".join(first[i]["prompt"].splitlines()) + "\n")
         parts.append("| model | words | ended | answer |\n| --- | ---: | :---: | --- |")
         for name, answers in report["answers"].items():
@@ -273,10 +274,9 @@ def plot_metrics(metrics: dict[str, dict], path: Path) -> None:
     axes[1].set_title("answer length (words)")
     axes[0].legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)  # whole or not at all, as common.write_atomic
 
 
 def main(args: EvalArguments) -> dict:

@@ -40,20 +40,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from common import (
-    InputError,
-    exit_on_input_error,
-    format_prompt,
-    load_adapter,
-    load_base_model,
-    load_chat_tokenizer,
-    parse_script_args,
-    pick_dtype,
-    write_atomic,
-    _umask,
-)
+from phi2qlora.args import parse_script_args
+from phi2qlora.chat import format_prompt
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import _umask, check_adapter_folder, write_atomic
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, nf4_config, pick_dtype
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -83,13 +74,14 @@ class ExportArguments:
 
 
 def device() -> str:
+    import torch
+
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def check_args(args: ExportArguments) -> list[Path]:
     """Everything checked before a model loads; returns the target folders."""
-    if not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise InputError(f"--adapter {args.adapter}: no adapter there (adapter_config.json missing); "
+    check_adapter_folder(args.adapter, "--adapter",
                          "give the output dir of grpo_train.py or sft_qlora.py")
     if args.merge_into not in ("nf4", "original"):
         raise InputError(f"--merge_into {args.merge_into!r}: expected nf4 or original")
@@ -123,6 +115,8 @@ def trained_model(args: ExportArguments, tokenizer, load_in_4bit: bool = True):
 
 def merged_model(args: ExportArguments, tokenizer):
     """The adapter merged into the base weights chosen by --merge_into, in --dtype."""
+    import torch
+
     if args.merge_into == "nf4":
         base = load_base_model(args.model_name_or_path, tokenizer, pick_dtype(args.train_dtype),
                                double_quant=args.use_bnb_nested_quant, revision=args.model_revision)
@@ -147,15 +141,18 @@ def save_model(model, tokenizer, folder: Path) -> None:
         os.chmod(path, mode)
 
 
-@torch.no_grad()
 def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
     """Greedy answers to the preview prompts and logits on them: the export vs base + adapter."""
-    from preview_callback import DEFAULT_PROMPTS, generate_answers
+    import torch
+
+    from phi2qlora.answers import generate_answers
+    from phi2qlora.chat import DEFAULT_PROMPTS
 
     batch = tokenizer([format_prompt(p) for p in DEFAULT_PROMPTS], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(device())
     mask = batch["attention_mask"].bool()
-    got, expected = model(**batch).logits.float()[mask], reference(**batch).logits.float()[mask]
+    with torch.no_grad():
+        got, expected = model(**batch).logits.float()[mask], reference(**batch).logits.float()[mask]
     ours = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
     theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
     return {
@@ -192,12 +189,16 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 def free_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def main(args: ExportArguments) -> dict:
+    import torch
+
     targets = check_args(args)
     tokenizer = load_tokenizer(args)
     print(f"[export] {args.model_name_or_path} + {args.adapter}, merged into the {args.merge_into} base "
@@ -209,12 +210,10 @@ def main(args: ExportArguments) -> dict:
         del model
         free_memory()
         if args.quantize_4bit:
-            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+            from transformers import AutoModelForCausalLM
 
             # Quantised from the merged weights, so the LoRA deltas get NF4's rounding too.
-            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
-                                     bnb_4bit_compute_dtype=getattr(torch, args.dtype))
+            nf4 = nf4_config(getattr(torch, args.dtype), args.use_bnb_nested_quant)
             model = AutoModelForCausalLM.from_pretrained(tmps[0], quantization_config=nf4,
                                                          device_map={"": device()})
             save_model(model, tokenizer, tmps[1])

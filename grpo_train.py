@@ -17,34 +17,21 @@ Rerun the same command after an interruption to resume.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 from trl.trainer.utils import pad
 
-import fast_rollouts
-import rewards
-from common import (
-    InputError,
-    RunArguments,
-    check_limit,
-    claim_output_dir,
-    count_words,
-    exit_on_input_error,
-    file_sha256,
-    format_prompt,
-    load_adapter,
-    load_base_model,
-    model_kwargs,
-    load_chat_tokenizer,
-    parse_recipe,
-    pick_dtype,
-    plot_history,
-    read_prompt_rows,
-    train_guarded,
-)
+from phi2qlora import rollouts
+from phi2qlora.args import GRPOScriptArguments, parse_recipe
+from phi2qlora.chat import format_prompt
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import check_adapter_folder, check_limit, file_sha256, read_prompt_rows
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, model_kwargs, pick_dtype
+from phi2qlora.rewards import REWARD_FUNCS, make_reward_funcs, reward_weights, word_limit_compliance, word_limit_reward
+from phi2qlora.training import claim_output_dir, plot_history, train_guarded
+from phi2qlora.word_limits import count_words
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "grpo_phi2_t4.yaml"
@@ -55,23 +42,6 @@ PREVIEW_PROMPTS = [
     "Give me three tips for a job interview. Keep it within 40 words.",
     "What is a black hole?",
 ]
-
-
-@dataclass
-class ScriptArguments(RunArguments):
-    sft_adapter: str = field(default="outputs/phi2-oasst1-qlora", metadata={"help": "sft_qlora.py's output dir"})
-    prompts_file: str = field(default="data/grpo_prompts.jsonl", metadata={"help": "data_prep.py's GRPO prompts"})
-    max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
-    max_prompt_tokens: int = field(
-        default=192, metadata={"help": "drop longer prompts (GRPOConfig has no prompt length limit)"}
-    )
-    preview_steps: int = field(default=50, metadata={"help": "generate previews every N optimizer steps (0: never)"})
-    preview_prompts_file: str | None = field(default=None, metadata={"help": "default: word-limited prompts"})
-    preview_max_new_tokens: int = field(default=160, metadata={"help": "length cap of each preview answer"})
-    fast_rollouts: bool = field(
-        default=True, metadata={"help": "sample rollouts with fast_rollouts.py (the current weights merged, a "
-                                        "CUDA-graph decoder); false: TRL's plain generate"}
-    )
 
 
 def load_prompts(path: str, tokenizer, max_tokens: int, limit: int | None = None):
@@ -103,7 +73,7 @@ def with_stats(reward_func):
     def word_limit_reward(prompts, completions, log_metric=None, **kwargs):
         if log_metric is not None:
             log_metric("completion_words", sum(count_words(c) for c in completions) / max(len(completions), 1))
-            obeyed = [c for c in rewards.word_limit_compliance(prompts, completions, kwargs.get("word_limit"))
+            obeyed = [c for c in word_limit_compliance(prompts, completions, kwargs.get("word_limit"))
                       if c is not None]
             if obeyed:
                 log_metric("word_limit_compliance", sum(obeyed) / len(obeyed))
@@ -115,7 +85,7 @@ def with_stats(reward_func):
 def restore_sft_weights(model, sft_weights: dict) -> None:
     """Put the exact SFT adapter back into the policy and its frozen `ref` copy once
     GRPOTrainer is built. TRL rounds a quantised model's trainable weights to bf16, which
-    moves the policy off the SFT model and breaks fp16 training on a T4 (STACK-NOTES 2),
+    moves the policy off the SFT model and breaks fp16 training on a T4 (model.upcast_trainable_params),
     and its `ref` copy takes the LoRA weights (names with '.default.') but not the chat-token
     rows (names ending in '.default'), so without this the KL would not start at zero."""
     params = dict(model.named_parameters())
@@ -128,7 +98,7 @@ def restore_sft_weights(model, sft_weights: dict) -> None:
 
 
 class FastRolloutGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose rollouts come from `fast_rollouts.generate`: the same sampling from
+    """GRPOTrainer whose rollouts come from `rollouts.generate`: the same sampling from
     the policy as it is at this step, ~18x the new tokens/s of plain `generate` on an
     H100 (PERFORMANCE.md). Falls back to TRL's path for what the fast one doesn't do."""
 
@@ -138,7 +108,7 @@ class FastRolloutGRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model_wrapped)
         if self.fallback_reason is None:
             self.fallback_reason = ("images" if images is not None or multimodal_fields else
-                                    fast_rollouts.unsupported_reason(model, self.generation_kwargs) or "")
+                                    rollouts.unsupported_reason(model, self.generation_kwargs) or "")
             if self.fallback_reason:
                 print(f"[grpo] fast rollouts off ({self.fallback_reason}): TRL's generate instead")
         if self.fallback_reason:
@@ -147,7 +117,7 @@ class FastRolloutGRPOTrainer(GRPOTrainer):
         prompts = [torch.tensor(ids) for ids in prompt_ids]  # left-padded, as TRL's own path pads them
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left")
         attention_mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left")
-        new_tokens = fast_rollouts.generate_or_none(
+        new_tokens = rollouts.generate_or_none(
             model, input_ids.to(self.accelerator.device), attention_mask.to(self.accelerator.device),
             max_new_tokens=self.max_completion_length, temperature=self.temperature,
             eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id, dtype=dtype)
@@ -155,17 +125,17 @@ class FastRolloutGRPOTrainer(GRPOTrainer):
             self.fallback_reason = "out of GPU memory"
             print("[grpo] fast rollouts off (out of GPU memory for the 16-bit weights): TRL's generate instead")
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
-        return fast_rollouts.completion_lists(new_tokens, self.eos_token_ids), None
+        return rollouts.completion_lists(new_tokens, self.eos_token_ids), None
 
 
-def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=()):
+def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=()):
     dtype = pick_dtype(model_args.dtype)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"[grpo] {model_args.model_name_or_path} + {script_args.sft_adapter} on {device}, "
           f"compute dtype {str(dtype).split('.')[-1]}, beta {training_args.beta}")
 
-    if not all((Path(script_args.sft_adapter) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors")):
-        raise InputError(f"{script_args.sft_adapter}: no SFT adapter there; run sft_qlora.py first (see README)")
+    check_adapter_folder(script_args.sft_adapter, "--sft_adapter", "run sft_qlora.py first (see README), or give its "
+                         "output directory")
     run = {"script": "grpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
            "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
            "sft_adapter": str(Path(script_args.sft_adapter).resolve()),
@@ -182,8 +152,12 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
     model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
     model = load_adapter(model, script_args.sft_adapter, trainable=True)
     sft_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    reward_funcs = [with_stats(f) if f.func is rewards.word_limit_reward else f
-                    for f in rewards.make_reward_funcs(tokenizer)]
+    reward_funcs = [with_stats(f) if f.func is word_limit_reward else f
+                    for f in make_reward_funcs(tokenizer)]
+    if training_args.reward_weights is None:  # the weights evaluate.py totals with, unless the recipe sets its own
+        training_args.reward_weights = reward_weights(make_reward_funcs(tokenizer))
+    print("[grpo] reward weights: " + ", ".join(f"{f.__name__} {w:g}" for f, w in
+                                                zip(REWARD_FUNCS, training_args.reward_weights)))
     trainer = (FastRolloutGRPOTrainer if script_args.fast_rollouts else GRPOTrainer)(
         model=model,
         reward_funcs=reward_funcs,
@@ -209,7 +183,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
         # The trained adapter alone: checkpoints also hold the frozen `ref` copy.
         trainer.model.save_pretrained(training_args.output_dir, selected_adapters=["default"])
         tokenizer.save_pretrained(training_args.output_dir)
-        names = [f.__name__ for f in rewards.REWARD_FUNCS]
+        names = [f.__name__ for f in REWARD_FUNCS]
         plot_history(trainer.state.log_history,
                      {"total reward": "reward", **{n: f"rewards/{n}/mean" for n in names},
                       "word-limit compliance": "word_limit_compliance"},
@@ -219,7 +193,7 @@ def main(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mo
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_recipe((ScriptArguments, GRPOConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
+    return parse_recipe((GRPOScriptArguments, GRPOConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
                         DEFAULT_RECIPE)
 
 

@@ -13,45 +13,27 @@ the chat tokens fit without a resize, as they do in Phi-2 (50,295 ids in 51,200 
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
-
-SAMPLE = Path(__file__).parent / "data" / "sample" / "oasst1_sample.jsonl"
-EOS = "<|endoftext|>"
+from phi2qlora.tiny_tokenizer import SAMPLE, sample_texts, train_tokenizer
 
 
-def sample_texts(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
-
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    # Phi-2's tokenizer: bos = eos = unk = <|endoftext|>, no pad token.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=2048
-    )
+@dataclass
+class TinyModelArguments:
+    output_dir: str = field(default="outputs/tiny-phi", metadata={"help": "where the model and tokenizer go"})
+    sample: str = field(default=str(SAMPLE), metadata={"help": "JSONL with a 'text' field to train the tokenizer on"})
+    vocab_size: int = field(default=1000, metadata={"help": "BPE vocabulary trained on the sample"})
+    seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
+    pretrain_steps: int = field(default=200, metadata={"help": "0: leave the weights random"})
 
 
 def pretrain(model, tokenizer, texts, steps: int, seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3):
     """Plain next-token training on the texts, each ended by <|endoftext|> (as Phi-2 saw
     documents), so the offline runs start from a model with something to fine-tune."""
+    import torch
+
     ids = []
     for text in texts:
         ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
@@ -77,6 +59,9 @@ def pretrain(model, tokenizer, texts, steps: int, seq_len: int = 128, batch_size
 
 def build(output_dir: str | Path, sample: str | Path = SAMPLE, vocab_size: int = 1000, spare_rows: int = 24,
           seed: int = 0, pretrain_steps: int = 200) -> Path:
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
     output_dir = Path(output_dir)
     texts = list(sample_texts(Path(sample)))
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -104,20 +89,18 @@ def build(output_dir: str | Path, sample: str | Path = SAMPLE, vocab_size: int =
     return output_dir
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="outputs/tiny-phi")
-    parser.add_argument("--sample", default=str(SAMPLE), help="JSONL with a 'text' field to train the tokenizer on")
-    parser.add_argument("--vocab_size", type=int, default=1000, help="BPE vocabulary trained on the sample")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain_steps", type=int, default=200, help="0: leave the weights random")
-    from common import check_writable, exit_on_input_error, one_line_errors
+def main(argv: list[str] | None = None) -> Path:
+    from phi2qlora.args import parse_script_args
+    from phi2qlora.files import check_writable
 
-    def main():
-        args = one_line_errors(parser, "--help lists the options").parse_args()
-        check_writable(args.output_dir, "--output_dir")
-        path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed,
-                     pretrain_steps=args.pretrain_steps)
-        print(f"tiny Phi model and tokenizer written to {path}")
+    args = parse_script_args(TinyModelArguments, sys.argv[1:] if argv is None else argv)
+    check_writable(args.output_dir, "--output_dir")
+    path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    print(f"tiny Phi model and tokenizer written to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    from phi2qlora.errors import exit_on_input_error
 
     exit_on_input_error(main)

@@ -6,11 +6,11 @@ keeping the effective batch.
     python memory_plan.py --config recipes/grpo_phi2_t4.yaml
     python memory_plan.py --per_device_train_batch_size 16       # any recipe field, over the recipe
     python memory_plan.py --auto --gpu_gib 80 --gpu h100         # fastest plan that fits an H100
-    python memory_plan.py --hidden_act gelu_pytorch_tanh         # as if Phi-2's gelu ran as one kernel
+    python memory_plan.py --hidden_act gelu_new                  # as if Phi-2 ran its own unfused gelu
 
 The estimate is the peak of `torch.cuda.max_memory_allocated()`: the weights (NF4 or 16-bit),
 the adapter with its AdamW state, and the larger of two moments: training on the longest
-micro-batch, or sampling through fast_rollouts.py (GRPO's rollouts, the previews), which holds
+micro-batch, or sampling through phi2qlora/rollouts.py (GRPO's rollouts, the previews), which holds
 a 16-bit copy of the policy and a KV cache. Training's bytes a token were measured on a
 Phi-2-shaped model (benchmarks/bench_gpu.py; PERFORMANCE.md lists
 each measured peak beside its estimate). A GPU needs room beyond that for the CUDA context
@@ -20,17 +20,14 @@ Importable: `estimate(recipe_dict)`, `auto_plan(recipe_dict, gpu_gib, gpu)`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from common import InputError, exit_on_input_error, one_line_errors, read_recipe
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.recipes import read_recipe
 
 GIB = 2**30
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
@@ -69,18 +66,63 @@ class Estimate:
         return f"peak {self.peak_gib:.2f} GiB ({parts}); needs {self.need_gib:.1f} GiB"
 
 
-def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
-    recipe, _ = read_recipe(str(path))
-    if overrides:
-        from trl import GRPOConfig, ModelConfig, SFTConfig
+@dataclass
+class PlanArguments:
+    """memory_plan.py's own options; every other flag is a field of the recipe's script."""
 
-        known = set(recipe) | {f.name for c in (SFTConfig, GRPOConfig, ModelConfig) for f in dataclasses.fields(c)}
-        for key in overrides:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                raise InputError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "")
-                                 + " (--help lists this script's options; the others are the recipe's fields)")
-    return {**recipe, **(overrides or {})}
+    gpu_gib: float = field(default=15.0, metadata={"help": "GPU memory (a T4 shows 15 GiB)"})
+    gpu: str = field(default="t4", metadata={"help": "speed model for --auto: t4 or h100"})
+    auto: bool = field(default=False, metadata={"help": "pick micro-batch, accumulation and checkpointing"})
+    hidden_act: str | None = field(
+        default=None, metadata={"help": "as if the MLP ran this activation (gelu_new: Phi-2's own, unfused)"})
+    prompt_tokens: int | None = field(
+        default=None, metadata={"help": "GRPO: the prompts' length in tokens (default: max_prompt_tokens)"})
+
+
+def script_classes(recipe: dict) -> tuple:
+    """The dataclasses the recipe's training script parses it into."""
+    from trl import GRPOConfig, ModelConfig, SFTConfig
+
+    from phi2qlora.args import GRPOScriptArguments, SFTScriptArguments
+
+    if is_grpo(recipe):
+        return GRPOScriptArguments, GRPOConfig, ModelConfig
+    return SFTScriptArguments, SFTConfig, ModelConfig
+
+
+def read_plan(argv: list[str]) -> tuple[PlanArguments, dict]:
+    """This script's options, and the recipe with the flags over it read by the training
+    scripts' own argument path: the same checks (unknown keys, types, values, file:line)
+    and every field the recipe leaves out at the value training would use."""
+    from phi2qlora.args import parse_config
+
+    argv = list(argv)
+    path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else str(DEFAULT_RECIPE)
+    keys, _ = read_recipe(path)
+    # Precision changes no term of the estimate; with it off the configs build on any machine.
+    flags = [*argv, "--fp16", "False", "--bf16", "False"]
+    plan, *configs = parse_config((PlanArguments, *script_classes(keys)), flags, DEFAULT_RECIPE)
+    recipe = {f.name: getattr(c, f.name) for c in configs for f in dataclasses.fields(c)}
+    recipe.update({k: getattr(plan, k) for k in ("hidden_act", "prompt_tokens") if getattr(plan, k)})
+    return plan, recipe
+
+
+def load_recipe(path: str | Path) -> dict:
+    """A recipe as its training script reads it (see read_plan)."""
+    return read_plan(["--config", str(path)])[1]
+
+
+def resolved(recipe: dict) -> dict:
+    """A recipe dict (perhaps partial, as callers build them) with the fields it leaves out
+    at the defaults of its script's dataclasses."""
+    defaults = {}
+    for cls in script_classes(recipe):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    return {**defaults, **recipe}
 
 
 def model_shape(recipe: dict) -> dict:
@@ -91,8 +133,8 @@ def model_shape(recipe: dict) -> dict:
     return dict(PHI2)
 
 
-def number(recipe: dict, key: str, default, kind=int):
-    value = recipe.get(key, default)
+def number(recipe: dict, key: str, kind=int):
+    value = recipe[key]
     try:
         value = kind(value)
     except (TypeError, ValueError):
@@ -107,12 +149,12 @@ def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
     h, m, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
     linear = layers * (4 * h * h + 2 * h * m)  # q, k, v, dense, fc1, fc2
     other = 2 * vocab * h + layers * (8 * h + m)  # embedding, lm_head, norms and biases
-    if recipe.get("load_in_4bit", True):
-        absmax = 1 / 64 + 4 / (64 * 256) if recipe.get("use_bnb_nested_quant", True) else 4 / 64
+    if recipe["load_in_4bit"]:
+        absmax = 1 / 64 + 4 / (64 * 256) if recipe["use_bnb_nested_quant"] else 4 / 64
         weights = linear * (0.5 + absmax) + other * 2
     else:
         weights = (linear + other) * 2
-    r = number(recipe, "lora_r", 16)
+    r = number(recipe, "lora_r")
     sizes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "dense": (h, h), "fc1": (h, m), "fc2": (m, h)}
     targets = recipe.get("lora_target_modules") or list(sizes)
     unknown = [t for t in targets if t not in sizes]
@@ -125,21 +167,20 @@ def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
 
 
 def act_bytes_per_token(recipe: dict, checkpointing: bool) -> float:
-    sixteen = not recipe.get("load_in_4bit", True)
+    sixteen = not recipe["load_in_4bit"]
     per_token = ACT_BYTES[(sixteen, checkpointing)]
-    if recipe.get("hidden_act", loaded_activation()) == "gelu_new":
+    if (recipe.get("hidden_act") or loaded_activation()) == "gelu_new":
         per_token += GELU_NEW_BYTES[checkpointing]
-    if float(recipe.get("lora_dropout", 0.05)) > 0:
+    if float(recipe["lora_dropout"]) > 0:
         per_token += DROPOUT_BYTES[checkpointing]
     return per_token
 
 
 def loaded_activation() -> str:
-    """The MLP activation common.load_base_model gives Phi-2: its own gelu_new, unless common.py
-    swaps in the fused kernel (PHI2_HIDDEN_ACT, the gelu patch of PERFORMANCE.md)."""
-    import common
+    """The MLP activation `model.load_base_model` gives Phi-2: the fused kernel (PHI2_HIDDEN_ACT)."""
+    from phi2qlora.model import PHI2_HIDDEN_ACT
 
-    return getattr(common, "PHI2_HIDDEN_ACT", "gelu_new")
+    return PHI2_HIDDEN_ACT
 
 
 def is_grpo(recipe: dict) -> bool:
@@ -148,20 +189,21 @@ def is_grpo(recipe: dict) -> bool:
 
 def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
     """Peak allocated GPU memory of one process running `recipe`."""
+    recipe = resolved(recipe)
     shape = model_shape(recipe)
     weights, adapter = weight_bytes(shape, recipe)
-    micro = number(recipe, "per_device_train_batch_size", 8)
-    checkpointing = bool(recipe.get("gradient_checkpointing", True))
+    micro = number(recipe, "per_device_train_batch_size")
+    checkpointing = bool(recipe["gradient_checkpointing"])
     parts = {"weights": weights, "adapter+optimizer": adapter}
     layers, h, vocab = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
     if is_grpo(recipe):
-        prompt = number(recipe, "prompt_tokens", number(recipe, "max_prompt_tokens", 192))
-        completion = number(recipe, "max_completion_length", 256)
-        generation_batch = micro * number(recipe, "gradient_accumulation_steps", 1)
+        prompt = recipe.get("prompt_tokens") or number(recipe, "max_prompt_tokens")
+        completion = number(recipe, "max_completion_length")
+        generation_batch = micro * number(recipe, "gradient_accumulation_steps")
         # A second, frozen copy of the adapter (the KL reference), fp32 weights only.
         parts["adapter+optimizer"] += (adapter - vocab * h * 4) / 4
         sampling = generation_batch * vocab * 4 * 4  # fp32 logits, softmax and sampling buffers a token
-        if recipe.get("fast_rollouts", True):
+        if recipe["fast_rollouts"]:
             generation = fast_sampling_bytes(shape, generation_batch, prompt, completion)
         else:  # TRL's generate: its KV cache
             generation = generation_batch * (prompt + completion) * layers * 2 * h * 2
@@ -169,22 +211,22 @@ def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
         training += micro * completion * vocab * 4 * 2  # logits of the completions for the log-probs
         parts["activations"] = max(generation + sampling, training)
     else:
-        length = number(recipe, "max_length", 1024)
+        length = number(recipe, "max_length")
         parts["activations"] = micro * length * act_bytes_per_token(recipe, checkpointing)
-        if int(recipe.get("preview_steps", 0) or 0) > 0 and recipe.get("fast_previews", True):
+        if int(recipe["preview_steps"] or 0) > 0 and recipe["fast_previews"]:
             # Previews through fast_rollouts: at most 8 prompts (of ~64 tokens) at once.
-            preview = fast_sampling_bytes(shape, 8, 64, number(recipe, "preview_max_new_tokens", 128))
+            preview = fast_sampling_bytes(shape, 8, 64, number(recipe, "preview_max_new_tokens"))
             parts["activations"] = max(parts["activations"], preview)
     peak = sum(parts.values()) / GIB
     need = SLACK_FACTOR * peak + CONTEXT_GIB
     return Estimate(peak, {k: v / GIB for k, v in parts.items()}, need <= gpu_gib, need)
 
 
-CACHE_STEP = 32  # fast_rollouts.CACHE_STEP (not imported: the planner runs before torch loads)
+CACHE_STEP = 32  # rollouts.CACHE_STEP (not imported: the planner runs before torch loads)
 
 
 def fast_sampling_bytes(shape: dict, batch: int, prompt: int, new_tokens: int) -> float:
-    """fast_rollouts.py while it samples: the policy merged in 16 bits (every linear layer, the
+    """rollouts.py while it samples: the policy merged in 16 bits (every linear layer, the
     embedding and lm_head), its KV cache in blocks of CACHE_STEP columns, and the prompt's forward."""
     layers, h, m, vocab = (shape[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"))
     merged = (layers * (4 * h * h + 2 * h * m) + 2 * vocab * h) * 2
@@ -195,26 +237,27 @@ def fast_sampling_bytes(shape: dict, batch: int, prompt: int, new_tokens: int) -
 
 def step_seconds(recipe: dict, micro: int, accumulation: int, checkpointing: bool, gpu: str) -> float:
     fixed, per_token = SPEED[gpu][checkpointing]
-    tokens = micro * number(recipe, "max_length", 1024) if not is_grpo(recipe) else micro * (
-        number(recipe, "max_prompt_tokens", 192) + number(recipe, "max_completion_length", 256))
+    tokens = micro * number(recipe, "max_length") if not is_grpo(recipe) else micro * (
+        number(recipe, "max_prompt_tokens") + number(recipe, "max_completion_length"))
     return accumulation * (fixed + per_token * tokens)
 
 
 def auto_plan(recipe: dict, gpu_gib: float = 15.0, gpu: str = "t4") -> tuple[dict, Estimate]:
     """The fastest (estimated) micro-batch, accumulation and checkpointing that fit, with
     micro-batch x accumulation equal to the recipe's effective batch."""
+    recipe = resolved(recipe)
     if gpu not in SPEED:
         raise InputError(f"--gpu must be one of {sorted(SPEED)}, got {gpu!r}")
-    effective = number(recipe, "per_device_train_batch_size", 8) * number(recipe, "gradient_accumulation_steps", 1)
+    effective = number(recipe, "per_device_train_batch_size") * number(recipe, "gradient_accumulation_steps")
     if is_grpo(recipe):
-        generations = number(recipe, "num_generations", 8)
+        generations = number(recipe, "num_generations")
         micros = [m for m in range(1, effective + 1) if effective % m == 0 and m % generations == 0]
     else:
         micros = [m for m in range(1, effective + 1) if effective % m == 0]
     # GRPO's fast rollouts (5x faster steps) and the fast previews hold a 16-bit copy of the
     # policy while they sample; where that can't fit, plain generate is the plan.
     fast = "fast_rollouts" if is_grpo(recipe) else "fast_previews"
-    rollouts = [{}, {fast: False}] if recipe.get(fast, True) else [{}]
+    rollouts = [{}, {fast: False}] if recipe[fast] else [{}]
     plans = []
     for extra in rollouts:
         for micro in micros:
@@ -237,25 +280,15 @@ def auto_plan(recipe: dict, gpu_gib: float = 15.0, gpu: str = "t4") -> tuple[dic
     return plan, est
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--key value` pairs from the command line, values read as YAML (numbers, booleans)."""
-    if len(pairs) % 2 or any(not k.startswith("--") for k in pairs[::2]):
-        raise InputError(f"overrides come as --field value pairs, got: {' '.join(pairs)}")
-    return {k[2:]: yaml.safe_load(v) for k, v in zip(pairs[::2], pairs[1::2])}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="the recipe (YAML)")
-    parser.add_argument("--gpu_gib", type=float, default=15.0, help="GPU memory (a T4 shows 15 GiB)")
-    parser.add_argument("--gpu", default="t4", choices=sorted(SPEED), help="speed model for --auto")
-    parser.add_argument("--auto", action="store_true", help="pick micro-batch, accumulation and checkpointing")
-    one_line_errors(parser, "--help lists the options")
-    args, rest = parser.parse_known_args(argv)
-    recipe = load_recipe(args.config, parse_overrides(rest))
+    argv = sys.argv[1:] if argv is None else argv
+    args, recipe = read_plan(argv)
+    config = argv[argv.index("--config") + 1] if "--config" in argv else str(DEFAULT_RECIPE)
+    if args.gpu not in SPEED:
+        raise InputError(f"--gpu must be one of {', '.join(sorted(SPEED))}, got {args.gpu!r}")
     est = estimate(recipe, args.gpu_gib)
-    print(f"{args.config}: micro-batch {recipe.get('per_device_train_batch_size')}, accumulation "
-          f"{recipe.get('gradient_accumulation_steps', 1)}, checkpointing {recipe.get('gradient_checkpointing')}: "
+    print(f"{config}: micro-batch {recipe['per_device_train_batch_size']}, accumulation "
+          f"{recipe['gradient_accumulation_steps']}, checkpointing {recipe['gradient_checkpointing']}: "
           f"{est.line()} -> {'fits' if est.fits else 'does NOT fit'} {args.gpu_gib:g} GiB")
     if args.auto:
         plan, best = auto_plan(recipe, args.gpu_gib, args.gpu)

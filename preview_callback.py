@@ -13,69 +13,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from transformers import GenerationConfig, TrainerCallback
+from transformers import TrainerCallback
 
-import fast_rollouts
-import rewards
-from common import END, count_words, format_prompt
-
-# One per thing the runs should change: chat style, stopping, a word limit, code.
-DEFAULT_PROMPTS = [
-    "What is the difference between weather and climate?",
-    "Explain why the sky is blue in under 50 words.",
-    "Write a Python function that checks whether a word is a palindrome.",
-    "Give me three tips for a job interview.",
-]
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
-                     batch_size: int = 8, fast: bool = False) -> list[dict]:
-    """Greedy answers in the chat format, batched. `fast`: through `fast_rollouts` (the
-    same greedy decoding, ~18x faster on an H100; plain `generate` where it can't). Puts back
-    what it changes: the model's train mode and the tokenizer's padding side."""
-    was_training, padding_side = model.training, tokenizer.padding_side
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,  # also while training uses gradient checkpointing (it is off in eval mode)
-        eos_token_id=end_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    device = next(model.parameters()).device
-    model.eval()  # no dropout: identical weights give identical text
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    answers = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i : i + batch_size]
-            enc = tokenizer([format_prompt(p) for p in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            new_tokens = fast_greedy(model, tokenizer, enc, max_new_tokens, end_id) if fast else None
-            if new_tokens is None:
-                fast = False  # for the next batches too
-                new_tokens = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-            for prompt, ids in zip(batch, new_tokens):
-                ids = ids.tolist()
-                ended = end_id in ids
-                text = tokenizer.decode(ids[: ids.index(end_id)] if ended else ids, skip_special_tokens=True)
-                answers.append({"prompt": prompt, "answer": text.strip(), "words": count_words(text),
-                                "ended": ended})
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
-    return answers
-
-
-def fast_greedy(model, tokenizer, enc, max_new_tokens: int, end_id: int):
-    """fast_rollouts' greedy tokens, or None where it can't run this model (or out of memory)."""
-    if fast_rollouts.unsupported_reason(model, {}):
-        return None
-    return fast_rollouts.generate_or_none(model, enc["input_ids"], enc["attention_mask"],
-                                          max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=[end_id],
-                                          pad_token_id=tokenizer.pad_token_id)
+from phi2qlora.answers import generate_answers
+from phi2qlora.chat import DEFAULT_PROMPTS
+from phi2qlora.rewards import word_limit_compliance
+from phi2qlora.word_limits import limit_verdict
 
 
 class PreviewCallback(TrainerCallback):
@@ -90,7 +33,7 @@ class PreviewCallback(TrainerCallback):
         self.prompts = list(prompts or DEFAULT_PROMPTS)
         self.every = every
         self.max_new_tokens = max_new_tokens
-        self.fast = fast  # fast_rollouts' greedy decoding (plain generate where it can't)
+        self.fast = fast  # phi2qlora/rollouts.py's greedy decoding (plain generate where it can't)
         self.max_share = max_share  # of the training time, for the previews between the first and the last (0: no cap)
         self.last_step = None
         self.seconds = 0.0  # time spent generating, to weigh against training time
@@ -108,9 +51,10 @@ class PreviewCallback(TrainerCallback):
 
     def within_share(self) -> bool:
         """A scheduled preview runs only if all previews so far plus this one (guessed to take
-        as long as the last) stay within `max_share` of the time since training began. A
-        preview took 13-17 s on an H100, where 100 steps can take a minute: there previews
-        come less often than every `every` steps, never more often (PERFORMANCE.md)."""
+        as long as the last) stay within `max_share` of the time since training began: where a
+        preview is slow against the steps (plain `generate`, 13-17 s for Phi-2 on an H100,
+        against 0.7 s through the fast decoder), previews come less often than every `every`
+        steps, never more often."""
         if not self.max_share or self.started is None or self.last_seconds is None:
             return True
         elapsed = time.perf_counter() - self.started
@@ -138,13 +82,13 @@ class PreviewCallback(TrainerCallback):
         blocks = [f"## {title}\n"]
         for a in answers:
             status = "" if a["ended"] else ", cut off"
-            verdict = rewards.limit_verdict(a["prompt"], a["answer"])  # "under 50 words": at most 49
+            verdict = limit_verdict(a["prompt"], a["answer"])  # "under 50 words": at most 49
             status += f", {verdict}" if verdict else ""
             quoted = "\n".join("> " + line for line in (a["answer"] or "(empty)").splitlines())
             blocks.append(f"**Prompt:** {a['prompt']}\n\n**Answer** ({a['words']} words{status}):\n\n{quoted}\n")
         text = "\n".join(blocks)
         # 1.0 / 0.0 for a prompt with a word limit (IFEval's strict check), None without one
-        compliance = rewards.word_limit_compliance([a["prompt"] for a in answers], [a["answer"] for a in answers])
+        compliance = word_limit_compliance([a["prompt"] for a in answers], [a["answer"] for a in answers])
         print(f"\n{'=' * 80}\n{text}{'=' * 80}\n", flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # One write each: a crash leaves whole previews, never half of one.

@@ -18,55 +18,28 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from common import (
-    END,
-    ROLE_TOKENS,
-    InputError,
-    RunArguments,
-    check_limit,
-    claim_output_dir,
-    chat_token_ids,
-    exit_on_input_error,
+from phi2qlora.args import SFTScriptArguments, parse_recipe
+from phi2qlora.chat import END, ROLE_TOKENS, chat_token_ids, reserved_text_in
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import check_limit, read_jsonl_rows, read_prompt_rows
+from phi2qlora.model import (
     fix_lm_head_bias,
     load_base_model,
-    model_kwargs,
     load_chat_tokenizer,
-    parse_recipe,
+    model_kwargs,
     pick_dtype,
-    plot_history,
-    read_jsonl_rows,
-    read_prompt_rows,
-    reserved_text_in,
-    train_guarded,
     upcast_trainable_params,
 )
+from phi2qlora.training import claim_output_dir, plot_history, train_guarded
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
-
-
-@dataclass
-class ScriptArguments(RunArguments):
-    train_file: str = field(default="data/train.jsonl", metadata={"help": "data_prep.py's train.jsonl"})
-    eval_file: str | None = field(default="data/eval.jsonl", metadata={"help": "held-out conversations; '' for none"})
-    max_train_examples: int | None = field(default=32000, metadata={"help": "use at most this many train examples"})
-    preview_steps: int = field(default=100, metadata={"help": "generate previews every N optimizer steps (0: never)"})
-    preview_prompts_file: str | None = field(
-        default=None, metadata={"help": ".jsonl of {'prompt': ...} or .txt, one per line; default: built-in prompts"}
-    )
-    preview_max_new_tokens: int = field(default=128, metadata={"help": "length cap of each preview answer"})
-    fast_previews: bool = field(
-        default=True, metadata={"help": "decode previews with fast_rollouts.py: ~18x faster on an H100, but holds a "
-                                        "16-bit copy of the model (5.2 GiB for Phi-2) while they run; false: "
-                                        "plain generate"}
-    )
 
 
 def load_conversations(path: str, limit: int | None = None):
@@ -114,7 +87,7 @@ def lora_config(model_args: ModelConfig, tokenizer) -> LoraConfig:
     )
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=()):
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=()):
     dtype = pick_dtype(model_args.dtype)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"[sft] {model_args.model_name_or_path} on {device}, compute dtype {str(dtype).split('.')[-1]}")
@@ -169,7 +142,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_recipe((ScriptArguments, SFTConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
+    return parse_recipe((SFTScriptArguments, SFTConfig, ModelConfig), sys.argv[1:] if argv is None else argv,
                         DEFAULT_RECIPE)
 
 

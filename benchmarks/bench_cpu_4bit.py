@@ -38,17 +38,18 @@ PROMPT = "Explain why the sky is blue in under 50 words."
 
 def child(path: str, model_dir: str, new_tokens: int, runs: int) -> dict:
     import torch
-
-    import common
     from bitsandbytes.functional import has_avx512bf16
 
+    from phi2qlora.chat import format_prompt
+    from phi2qlora.model import load_base_model, load_chat_tokenizer
+
     start = time.perf_counter()
-    tokenizer = common.load_chat_tokenizer(model_dir)
-    model = common.load_base_model(model_dir, tokenizer, torch.float32, cpu_packed_kernel=path == "nf4 packed")
+    tokenizer = load_chat_tokenizer(model_dir)
+    model = load_base_model(model_dir, tokenizer, torch.float32, cpu_packed_kernel=path == "nf4 packed")
     if path == "dequantized":
         model = model.dequantize(dtype=torch.float32)
     model.eval()
-    enc = tokenizer([common.format_prompt(PROMPT)], return_tensors="pt", add_special_tokens=False)
+    enc = tokenizer([format_prompt(PROMPT)], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         logits = model(**enc).logits[0, -1].tolist()  # also repacks, for the packed path
     load_s = time.perf_counter() - start

@@ -123,12 +123,12 @@ JOBS = {
              why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
         dict(name="grpo-step", kind="grpo", steps=3, warmup=1, why="one GRPO step, T4 recipe through grpo_train.main"),
     ],
-    # Rollouts: plain generate against fast_rollouts.py (merged weights, CUDA-graph decoder).
+    # Rollouts: plain generate against rollouts.py (merged weights, CUDA-graph decoder).
     "rollouts": [
         dict(name="rollout", kind="rollout", batch=32, new_tokens=128, repeats=3,
              why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
         dict(name="rollout fast", kind="rollout", fast=True, batch=32, new_tokens=128, repeats=5,
-             why="fast_rollouts.generate: the current weights merged to 16-bit, one CUDA graph a token"),
+             why="rollouts.generate: the current weights merged to 16-bit, one CUDA graph a token"),
         dict(name="grpo-step plain", kind="grpo", steps=3, warmup=1, args=["--fast_rollouts", "false"],
              why="the T4 recipe with TRL's generate"),
         dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, why="the T4 recipe with fast rollouts"),
@@ -200,7 +200,7 @@ def synth_prompts(n: int, seed: int = 1) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    from common import write_jsonl_atomic
+    from phi2qlora.files import write_jsonl_atomic
 
     write_jsonl_atomic(path, rows)
     return path
@@ -386,7 +386,7 @@ def plain_trl_sft(model_dir: Path, ctx: dict, steps: int, out_dir: Path, timer):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from common import load_chat_tokenizer, pick_dtype, upcast_trainable_params
+    from phi2qlora.model import load_chat_tokenizer, pick_dtype, upcast_trainable_params
 
     dtype = pick_dtype(dtype_name(ctx))
     tokenizer = load_chat_tokenizer(str(model_dir))  # the same chat-rendered texts as the recipe
@@ -404,7 +404,7 @@ def plain_trl_sft(model_dir: Path, ctx: dict, steps: int, out_dir: Path, timer):
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
                                                 task_type="CAUSAL_LM"), callbacks=[timer])
     if dtype == torch.float16:
-        upcast_trainable_params(trainer.model)  # plain TRL crashes in fp16 otherwise (STACK-NOTES 2)
+        upcast_trainable_params(trainer.model)  # plain TRL 1.16 casts them to bf16: fp16 AMP then fails
     trainer.train()
     return trainer
 
@@ -450,7 +450,8 @@ def run_rollout(job: dict, ctx: dict) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from common import format_prompt, load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+    from phi2qlora.chat import format_prompt
+    from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
 
     job = {**job, **ctx.get("rollout_overrides", {})}
     tokenizer = load_chat_tokenizer(ctx["adapter"])
@@ -473,12 +474,13 @@ def run_rollout(job: dict, ctx: dict) -> dict:
         with torch.no_grad():
             return model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
 
-    import fast_rollouts
     from torch.nn.attention import SDPBackend
+
+    from phi2qlora import rollouts
 
     def fast(new_tokens, temperature=0.9, use_graph=None):
         # no end token: every row runs the full length, as min_new_tokens makes plain generate do
-        return fast_rollouts.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens,
+        return rollouts.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=new_tokens,
                                       temperature=temperature, eos_token_ids=[-1], pad_token_id=tokenizer.pad_token_id,
                                       dtype=dtype, use_graph=use_graph)
 
@@ -506,11 +508,11 @@ def run_rollout(job: dict, ctx: dict) -> dict:
         reference, ours = plain(n, 0.0), fast(n, 0.0)
         # cuDNN's attention isn't bitwise deterministic, and ~1e-5 flips the random model's
         # near-ties: the graph is checked against eager with the deterministic kernel.
-        kernels, fast_rollouts.DECODE_KERNELS = fast_rollouts.DECODE_KERNELS, (SDPBackend.EFFICIENT_ATTENTION,)
+        kernels, rollouts.DECODE_KERNELS = rollouts.DECODE_KERNELS, (SDPBackend.EFFICIENT_ATTENTION,)
         try:
             graphed, eager = fast(n, 0.0), fast(n, 0.0, use_graph=False)
         finally:
-            fast_rollouts.DECODE_KERNELS = kernels
+            rollouts.DECODE_KERNELS = kernels
         same = (reference == ours).float()
         result.update(greedy_first_token_same=same[:, 0].mean().item(),
                       greedy_rows_same=same.all(dim=1).float().mean().item(),
@@ -556,7 +558,7 @@ def world_size() -> int:
 
 def prepare(args) -> dict:
     """The model (built if missing), the data files and a first SFT adapter for GRPO and rollouts."""
-    from common import load_chat_tokenizer
+    from phi2qlora.model import load_chat_tokenizer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -640,7 +642,7 @@ def run_job_isolated(job: dict, ctx: dict, timeout: float) -> dict:
 def child_main(payload: str) -> None:
     spec = json.loads(payload)
     result = run_job_here(spec["job"], spec["ctx"])
-    from common import write_atomic
+    from phi2qlora.files import write_atomic
 
     write_atomic(spec["result"], json.dumps(result))
 
@@ -756,7 +758,7 @@ def main(argv=None) -> list[dict]:
             continue
         results.append(result)
         if not distributed or int(os.environ.get("RANK", 0)) == 0:
-            from common import write_atomic
+            from phi2qlora.files import write_atomic
 
             write_atomic(Path(args.out) / "results.json", json.dumps(
                 {"args": vars(args), "elapsed_s": time.perf_counter() - started, "results": results}, indent=1))

@@ -17,7 +17,7 @@ import torch
 from transformers import PhiConfig, PhiForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import make_tiny_model  # noqa: E402
+from phi2qlora.tiny_tokenizer import sample_texts, train_tokenizer  # noqa: E402
 
 PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
             num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048,
@@ -26,7 +26,7 @@ PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hid
 
 def build(output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
-    tokenizer = make_tiny_model.train_tokenizer(make_tiny_model.sample_texts(make_tiny_model.SAMPLE), 1000)
+    tokenizer = train_tokenizer(sample_texts(), 1000)
     config = PhiConfig(**PHI2, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

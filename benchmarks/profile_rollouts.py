@@ -24,9 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fast_rollouts as fr  # noqa: E402
 from bench_gpu import synth_prompts  # noqa: E402
-from common import END, chat_token_ids, format_prompt, load_base_model, load_chat_tokenizer  # noqa: E402
+
+from phi2qlora import rollouts as fr  # noqa: E402
+from phi2qlora.chat import END, chat_token_ids, format_prompt
+from phi2qlora.model import load_base_model, load_chat_tokenizer  # noqa: E402
 
 
 def timed(fn, repeats=3):

@@ -14,12 +14,13 @@ import pytest
 import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from tiny_adapters import scaled_adapter, sft_adapter
 
 import app
-import common
-import rewards
-from preview_callback import generate_answers
-from tiny_adapters import scaled_adapter, sft_adapter
+from phi2qlora.answers import generate_answers
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
+from phi2qlora.word_limits import count_words, row_limit
 
 PROMPT = "Explain why the sky is blue."
 LIMIT, TOKENS = 20, 24
@@ -62,11 +63,11 @@ def served(tiny_model_dir, adapters):
 def direct(tiny_model_dir, adapters):
     """generate_answers on each model loaded on its own, as app.py loads it on a CPU: the
     NF4 base unpacked to fp32 (dequantize), adapter on top. {'base' | 'sft' | 'grpo': answer}."""
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
 
     def unpacked(adapter=None):
-        model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).dequantize(dtype=torch.float32)
-        return common.load_adapter(model, str(adapter)) if adapter else model
+        model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32).dequantize(dtype=torch.float32)
+        return load_adapter(model, str(adapter)) if adapter else model
 
     models = {"base": unpacked(), **{k: unpacked(d) for k, d in adapters.items()}}
     return {k: generate_answers(m, tokenizer, [SENT], TOKENS)[0] for k, m in models.items()}
@@ -75,8 +76,8 @@ def direct(tiny_model_dir, adapters):
 def test_cpu_weights_give_the_trained_models_answers(tiny_model_dir, adapters, direct):
     """The adapters were trained on the NF4 base; unpacked to fp32 (the app's CPU default)
     that base computes the same: the same greedy answer as the 4-bit model itself."""
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    nf4 = common.load_adapter(common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32),
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    nf4 = load_adapter(load_base_model(str(tiny_model_dir), tokenizer, torch.float32),
                               str(adapters["sft"]))  # as training loads it
     assert generate_answers(nf4, tokenizer, [SENT], TOKENS)[0] == direct["sft"]
 
@@ -88,7 +89,7 @@ def check_columns(shown: dict, direct: dict):
         expected = direct[key]
         assert answer == expected["answer"], key
         words = re.search(r"(\d+) words?\b", stats)
-        assert words and int(words[1]) == expected["words"] == common.count_words(answer), stats
+        assert words and int(words[1]) == expected["words"] == count_words(answer), stats
         assert ("ended" in stats) == expected["ended"]
         obeys = 0 < expected["words"] <= LIMIT
         assert f"{'obeys' if obeys else 'breaks'} the limit (at most {LIMIT} words)" in stats, stats
@@ -136,11 +137,11 @@ def test_prompt_at_the_cap_is_answered(served):
 def test_request_check_without_gradio(word_limit, tokens, message):
     """app.full_prompt checks on its own too (a notebook may call answer_all directly)."""
     args = app.parse_args(["--max_new_tokens_cap", "64"])
-    with pytest.raises(common.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         app.full_prompt(PROMPT, word_limit, tokens, args)
     assert app.full_prompt(f"{PROMPT}\ncode", 7.0, 8.0, args) == (f"{PROMPT}\ncode\n\nUse at most 7 words.", 8)
     sent, _ = app.full_prompt("Is it safe or not", 20, 8, args)  # no full stop: the limit on its own line
-    assert sent == "Is it safe or not\n\nUse at most 20 words." and rewards.row_limit(sent) == ("max", 20)
+    assert sent == "Is it safe or not\n\nUse at most 20 words." and row_limit(sent) == ("max", 20)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -212,11 +213,11 @@ def test_browser_types_a_prompt_and_reads_every_answer(served, direct, tmp_path)
 
 def test_cli_checks_paths_before_loading(tmp_path, monkeypatch, capsys, adapters):
     monkeypatch.chdir(tmp_path)  # no default adapter folders here
-    with pytest.raises(common.InputError, match="--sft missing: no adapter there"):
+    with pytest.raises(InputError, match="--sft missing: no adapter there"):
         app.adapter_folders(app.parse_args(["--sft", "missing"]))
-    with pytest.raises(common.InputError, match="nothing fine-tuned to show"):
+    with pytest.raises(InputError, match="nothing fine-tuned to show"):
         app.adapter_folders(app.parse_args([]))
-    with pytest.raises(common.InputError, match="not both"):
+    with pytest.raises(InputError, match="not both"):
         app.adapter_folders(app.parse_args(["--merged", "m", "--sft", str(adapters["sft"])]))
     # A default folder that is absent is skipped with a note; one that is there is used.
     shutil.copytree(adapters["sft"], tmp_path / app.DEFAULT_SFT)
@@ -224,13 +225,13 @@ def test_cli_checks_paths_before_loading(tmp_path, monkeypatch, capsys, adapters
     assert f"no GRPO adapter in {app.DEFAULT_GRPO}" in capsys.readouterr().out
     assert (app.weights_for(app.parse_args([]), merged=False), app.weights_for(app.parse_args([]), merged=True)) \
         == (("nf4", "nf4") if torch.cuda.is_available() else ("dequantized", "full"))
-    with pytest.raises(common.InputError, match=r"--max_new_tokens 100: must be from 8 to --max_new_tokens_cap \(64\)"):
+    with pytest.raises(InputError, match=r"--max_new_tokens 100: must be from 8 to --max_new_tokens_cap \(64\)"):
         app.load_columns(app.parse_args(["--max_new_tokens", "100", "--max_new_tokens_cap", "64"]))
-    with pytest.raises(common.InputError, match="--weights 'int8': expected one of auto, nf4, dequantized, full"):
+    with pytest.raises(InputError, match="--weights 'int8': expected one of auto, nf4, dequantized, full"):
         app.weights_for(app.AppArguments(weights="int8"), merged=False)  # from Python: no argparse
     # From the command line: one line on stderr, exit status 2, no traceback.
     with pytest.raises(SystemExit) as stopped:
-        common.exit_on_input_error(lambda: app.main(["--grpo", "nowhere"]))
+        exit_on_input_error(lambda: app.main(["--grpo", "nowhere"]))
     assert stopped.value.code == 2 and "--grpo nowhere: no adapter there" in capsys.readouterr().err
 
 
@@ -238,9 +239,9 @@ def test_merged_export_answers_as_its_adapter_does(tiny_model_dir, adapters, dir
     """A merged folder (what export_model.py writes: plain transformers model, safetensors,
     tokenizer with the chat tokens) gives the SFT adapter's answer; one without the chat
     tokens is refused."""
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).dequantize(dtype=torch.float32)
-    merged = common.load_adapter(base, str(adapters["sft"])).merge_and_unload()  # as export_model.py merges
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    base = load_base_model(str(tiny_model_dir), tokenizer, torch.float32).dequantize(dtype=torch.float32)
+    merged = load_adapter(base, str(adapters["sft"])).merge_and_unload()  # as export_model.py merges
     merged.save_pretrained(tmp_path / "merged")
     tokenizer.save_pretrained(tmp_path / "merged")
 
@@ -250,9 +251,9 @@ def test_merged_export_answers_as_its_adapter_does(tiny_model_dir, adapters, dir
     *_, (sent, answer, stats) = app.answer_all(columns, args, PROMPT, LIMIT, TOKENS)
     assert answer == direct["sft"]["answer"] and f"{direct['sft']['words']} word" in stats
 
-    with pytest.raises(common.InputError, match="lacks the chat tokens"):
+    with pytest.raises(InputError, match="lacks the chat tokens"):
         app.load_merged(str(tiny_model_dir), torch.float32, "full")
-    with pytest.raises(common.InputError, match="no model there"):
+    with pytest.raises(InputError, match="no model there"):
         app.load_merged(str(tmp_path / "nothing"), torch.float32, "full")
 
 

@@ -10,9 +10,10 @@ import statistics
 import sys
 
 import pytest
-
-from common import format_chat, load_chat_tokenizer
 from conftest import ROOT
+
+from phi2qlora.chat import format_chat
+from phi2qlora.model import load_chat_tokenizer
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu as bench  # noqa: E402

@@ -2,7 +2,7 @@
 
 bitsandbytes 0.50.2 repacks a `Linear4bit` for its AVX512-BF16 inference kernel at the
 first eval-mode forward without grad, on a CPU that has the instruction; training after
-that breaks (common.keep_4bit_trainable says how). What each test can see:
+that breaks (keep_4bit_trainable says how). What each test can see:
 
 - `test_training_after_a_generation_matches_training_without` runs the real kernels. On a
   CPU with AVX512-BF16 it fails without the guard (the second training forward raises in
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sft_args
 from peft import get_peft_model
 
-import common
 import sft_qlora
-from conftest import sft_args
+from phi2qlora.chat import format_chat, format_prompt
+from phi2qlora.model import fix_lm_head_bias, keep_4bit_trainable, load_base_model, load_chat_tokenizer
 
 
 @pytest.fixture
@@ -45,10 +46,10 @@ def lora_model(tiny_model_dir, sample_data_dir, tmp_path):
     """The SFT recipe's model (NF4 base, LoRA on all six targets, chat-token rows), dropout off
     so two forwards of the same batch must agree."""
     _, _, model_args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--lora_dropout", "0")
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    base = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
     model = get_peft_model(base, sft_qlora.lora_config(model_args, tokenizer))
-    common.fix_lm_head_bias(model)
+    fix_lm_head_bias(model)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -75,7 +76,7 @@ def test_training_after_a_generation_matches_training_without(cpu, request, tiny
     if cpu == "pretend":
         request.getfixturevalue("pretend_avx512_bf16")
     model, tokenizer = lora_model(tiny_model_dir, sample_data_dir, tmp_path)
-    batch = tokenizer([common.format_chat([{"role": "user", "content": "Hi there."},
+    batch = tokenizer([format_chat([{"role": "user", "content": "Hi there."},
                                            {"role": "assistant", "content": "Hello! How can I help?"}])],
                       return_tensors="pt")
     loss, grads = loss_and_grads(model, batch)
@@ -83,7 +84,7 @@ def test_training_after_a_generation_matches_training_without(cpu, request, tiny
 
     model.eval()  # what a preview does between optimizer steps
     with torch.no_grad():
-        prompt = tokenizer([common.format_prompt("Say something.")], return_tensors="pt")
+        prompt = tokenizer([format_prompt("Say something.")], return_tensors="pt")
         model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert packed_layers(model) == 0
 
@@ -94,10 +95,10 @@ def test_training_after_a_generation_matches_training_without(cpu, request, tiny
 
 
 def test_the_guard_keeps_the_layout_and_the_packed_kernel_is_opt_in(pretend_avx512_bf16, tiny_model_dir):
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    prompt = tokenizer([common.format_prompt("Say something.")], return_tensors="pt")
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    prompt = tokenizer([format_prompt("Say something.")], return_tensors="pt")
     for packed_kernel, expected in ((False, 0), (True, None)):
-        model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32,
+        model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32,
                                        cpu_packed_kernel=packed_kernel).eval()
         layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
         assert len(layers) == 12  # 2 layers x q, k, v, dense, fc1, fc2
@@ -105,5 +106,5 @@ def test_the_guard_keeps_the_layout_and_the_packed_kernel_is_opt_in(pretend_avx5
             model(**prompt)
         # Guarded: nothing repacked. Opted in: every layer repacked, so this test sees the repack.
         assert packed_layers(model) == (len(layers) if expected is None else expected)
-    assert common.keep_4bit_trainable(torch.nn.Linear(2, 2)) == 0  # nothing 4-bit: nothing to do
+    assert keep_4bit_trainable(torch.nn.Linear(2, 2)) == 0  # nothing 4-bit: nothing to do
 

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_prep  # noqa: E402
-from common import InputError, format_chat  # noqa: E402
-from data_prep import WORD_LIMIT_TEMPLATES, WORD_LIMITS, ScriptArguments  # noqa: E402
+from data_prep import ScriptArguments  # noqa: E402
+from phi2qlora.chat import format_chat
+from phi2qlora.errors import InputError  # noqa: E402
+from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS
 
 # The strict comparatives, which allow at most n-1 words (as IFEval reads them).
 STRICT_TEMPLATES = {t for t in WORD_LIMIT_TEMPLATES if re.search(r"\b(?:under|less than|fewer than)\b", t)}

@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
-
-import common
-import evaluate
-import rewards
 from conftest import ROOT
-from preview_callback import generate_answers
 from tiny_adapters import scaled_adapter, sft_adapter
+
+import evaluate
+from phi2qlora.answers import generate_answers
+from phi2qlora.errors import InputError
+from phi2qlora.files import read_prompt_rows
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
+from phi2qlora.rewards import REPETITION_FREE, REWARD_WEIGHTS, repetition, score, word_limit_compliance
+from phi2qlora.word_limits import count_words
 
 PROMPTS, BATCH, NEW_TOKENS = 6, 4, 24  # two batches, the second one short
 
@@ -45,7 +48,7 @@ def evaluated(tiny_model_dir, sample_data_dir, adapters, tmp_path_factory):
 
 
 def prompt_rows(data_dir):
-    return common.read_prompt_rows(data_dir / "grpo_prompts.jsonl")[:PROMPTS]
+    return read_prompt_rows(data_dir / "grpo_prompts.jsonl")[:PROMPTS]
 
 
 def test_report_files_and_metrics_follow_from_the_answers(evaluated, sample_data_dir):
@@ -60,7 +63,7 @@ def test_report_files_and_metrics_follow_from_the_answers(evaluated, sample_data
         m = report["metrics"][name]
         assert [a["prompt"] for a in answers] == prompts and [a["word_limit"] for a in answers] == limits
         texts, ended = [a["answer"] for a in answers], [a["ended"] for a in answers]
-        words = [common.count_words(t) for t in texts]
+        words = [count_words(t) for t in texts]
         assert [a["words"] for a in answers] == words
         assert m["answers"] == PROMPTS
         assert m["mean_words"] == pytest.approx(sum(words) / len(words))
@@ -68,20 +71,20 @@ def test_report_files_and_metrics_follow_from_the_answers(evaluated, sample_data
         assert m["end_of_turn_rate"] == pytest.approx(sum(ended) / len(ended))
         assert m["empty_rate"] == pytest.approx(sum(w == 0 for w in words) / len(words))
         assert m["repetition_rate"] == pytest.approx(
-            sum(rewards.repetition(t) > rewards.REPETITION_FREE for t in texts) / len(texts))
+            sum(repetition(t) > REPETITION_FREE for t in texts) / len(texts))
 
-        compliance = rewards.word_limit_compliance(prompts, texts, word_limit=limits)
+        compliance = word_limit_compliance(prompts, texts, word_limit=limits)
         obeyed = [c for c in compliance if c is not None]
         assert m["limited_prompts"] == len(obeyed) and m["word_limit_compliance"] == pytest.approx(sum(obeyed) / len(obeyed))
         for text, limit, c in zip(texts, limits, compliance):
             if limit:  # data_prep's limits are all "at most N words"
-                assert c == float(0 < common.count_words(text) <= limit)
+                assert c == float(0 < count_words(text) <= limit)
 
-        scores = rewards.score(prompts, texts, ended=ended, word_limit=limits)
+        scores = score(prompts, texts, ended=ended, word_limit=limits)
         for reward, values in scores.items():
             assert m[reward] == pytest.approx(sum(values) / len(values))
             assert [a["rewards"][reward] for a in answers] == values
-        total = sum(w * sum(scores[r]) / len(texts) for r, w in rewards.DEFAULT_WEIGHTS.items())
+        total = sum(w * sum(scores[r]) / len(texts) for r, w in REWARD_WEIGHTS.items())
         assert m["reward"] == pytest.approx(total)
 
     markdown = (out / "report.md").read_text()
@@ -96,12 +99,12 @@ def test_each_answer_is_that_model_alone(evaluated, tiny_model_dir, adapters, sa
     """Switching adapters on one base gives what each model gives loaded on its own."""
     report, _ = evaluated
     prompts = [r["prompt"] for r in prompt_rows(sample_data_dir)]
-    tokenizer = common.load_chat_tokenizer(str(adapters[0]))
+    tokenizer = load_chat_tokenizer(str(adapters[0]))
     expected = {}
     for name, adapter_dir in [("base", None), ("sft", adapters[0]), ("grpo", adapters[1])]:
-        model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+        model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
         if adapter_dir:
-            model = common.load_adapter(model, str(adapter_dir))
+            model = load_adapter(model, str(adapter_dir))
         expected[name] = [a["answer"] for a in generate_answers(model, tokenizer, prompts, NEW_TOKENS, BATCH)]
         assert [a["answer"] for a in report["answers"][name]] == expected[name], name
     assert expected["sft"] != expected["base"] and expected["grpo"] != expected["sft"]  # three different models
@@ -131,17 +134,17 @@ def test_bad_input_stops_before_a_model_loads(sample_data_dir, adapters, tmp_pat
     bad.write_text('{"prompt": "Hi", "word_limit": 5}\n{"prompt": "Hi", "word_limit": "five"}\n')
     extra = [str(tmp_path / "MISSING") if x == "MISSING" else str(bad) if x == "BAD" else x for x in extra]
     args = eval_args(tmp_path / "no-model-here", sample_data_dir, adapters, tmp_path / "out", *extra)
-    with pytest.raises(common.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         evaluate.main(args)
     assert not (tmp_path / "out").exists()
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    with pytest.raises(common.InputError, match=r"unknown option --max_tokens; did you mean --max_new_tokens\?"):
+    with pytest.raises(InputError, match=r"unknown option --max_tokens; did you mean --max_new_tokens\?"):
         evaluate.parse_args(["--max_tokens", "5"])  # a misspelt flag
     config = tmp_path / "my_eval.yaml"
     config.write_text("models: sft\nmax_new_tokns: 5\n")  # a misspelt key, checked as recipes are
-    with pytest.raises(common.InputError, match=r"my_eval.yaml:2: unknown key 'max_new_tokns'; did you mean"):
+    with pytest.raises(InputError, match=r"my_eval.yaml:2: unknown key 'max_new_tokns'; did you mean"):
         evaluate.parse_args(["--config", str(config)])
     config.write_text("models: sft\nmax_new_tokens: 5\n")
     assert evaluate.parse_args(["--config", str(config)]).max_new_tokens == 5

@@ -22,12 +22,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_adapters import sft_adapter
 from transformers import AutoModelForCausalLM
 
-import common
 import export_model
-from preview_callback import generate_answers
-from tiny_adapters import sft_adapter
+from phi2qlora.answers import generate_answers
+from phi2qlora.chat import END, PAD, chat_token_ids, format_prompt
+from phi2qlora.errors import InputError
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
 
 PROMPTS = [
     "What is the difference between weather and climate?",
@@ -59,21 +61,21 @@ def exported(tiny_model_dir, adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(adapter):
-    return common.load_chat_tokenizer(str(adapter))
+    return load_chat_tokenizer(str(adapter))
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, adapter, tokenizer):
     """Base + adapter as training loaded them: 4-bit NF4 base, fp32 compute on the CPU."""
-    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
-    return common.load_adapter(base, str(adapter)).eval()
+    base = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+    return load_adapter(base, str(adapter)).eval()
 
 
 @torch.no_grad()
 def logits(model, tokenizer):
     """Logits at every real (unpadded) position of the chat-formatted prompts, in fp32."""
     tokenizer.padding_side = "left"
-    batch = tokenizer([common.format_prompt(p) for p in PROMPTS], return_tensors="pt", padding=True,
+    batch = tokenizer([format_prompt(p) for p in PROMPTS], return_tensors="pt", padding=True,
                       add_special_tokens=False)
     return model(**batch).logits.float()[batch["attention_mask"].bool()]
 
@@ -91,8 +93,8 @@ def test_export_is_a_plain_model_folder(exported, tokenizer):
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["PhiForCausalLM"]
     generation = json.loads((out / "generation_config.json").read_text())
-    ids = common.chat_token_ids(tokenizer)
-    assert generation["eos_token_id"] == ids[common.END] and generation["pad_token_id"] == ids[common.PAD]
+    ids = chat_token_ids(tokenizer)
+    assert generation["eos_token_id"] == ids[END] and generation["pad_token_id"] == ids[PAD]
     assert (out / "model.safetensors").stat().st_mode & 0o044  # readable by others, unlike transformers' 0600
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     assert sorted(p.name for p in out.parent.iterdir()) == ["merged", "merged-4bit"] and not leftovers
@@ -126,7 +128,7 @@ print(json.dumps({{"answers": answers, "type": type(model).__name__, "texts": [
     assert result.returncode == 0, result.stderr[-3000:]
     standalone = json.loads(result.stdout.strip().splitlines()[-1])
     assert standalone["type"] == "PhiForCausalLM"
-    assert standalone["texts"] == [common.format_prompt(p) for p in PROMPTS]
+    assert standalone["texts"] == [format_prompt(p) for p in PROMPTS]
     assert standalone["answers"] == answers(trained, tokenizer)
 
 
@@ -145,10 +147,10 @@ def test_logits_match_the_trained_model_and_not_the_base(exported, trained, toke
 def test_lm_head_keeps_its_bias_and_the_trained_rows(exported, adapter, tiny_model_dir, tokenizer):
     out, _ = exported
     merged = AutoModelForCausalLM.from_pretrained(out)
-    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)  # with the chat-token rows
+    base = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)  # with the chat-token rows
     saved = load_file(adapter / "adapter_model.safetensors")
     indices = json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"]
-    end = tokenizer.convert_tokens_to_ids(common.END)
+    end = tokenizer.convert_tokens_to_ids(END)
     assert indices["lm_head"] == [end]
 
     head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
@@ -182,7 +184,7 @@ def test_merge_into_original_weights_is_the_other_model(exported, tiny_model_dir
     export_model.main(export_args(tiny_model_dir, adapter, out, "--merge_into", "original", "--dtype", "float32",
                                   "--check", "false"))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    full = common.load_adapter(common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32,
+    full = load_adapter(load_base_model(str(tiny_model_dir), tokenizer, torch.float32,
                                                       load_in_4bit=False), str(adapter)).eval()
     got = logits(merged, tokenizer)
     torch.testing.assert_close(got, logits(full, tokenizer), atol=1e-4, rtol=0)
@@ -212,7 +214,7 @@ def test_a_failed_export_leaves_the_old_one(exported, tiny_model_dir, adapter, t
     target = tmp_path / "merged"
     target.mkdir()
     (target / "keep.txt").write_text("an earlier export")
-    with pytest.raises(common.InputError, match="already exists and is not empty; pass --overwrite"):
+    with pytest.raises(InputError, match="already exists and is not empty; pass --overwrite"):
         export_model.main(export_args(tmp_path / "no-model-here", adapter, target))
 
     def crash(model, tokenizer, folder):
@@ -241,11 +243,11 @@ def test_a_failed_export_leaves_the_old_one(exported, tiny_model_dir, adapter, t
 ])
 def test_bad_input_stops_before_a_model_loads(adapter, tmp_path, extra, message):
     extra = [str(tmp_path / "MISSING") if x == "MISSING" else str(adapter) if x == "ADAPTER" else x for x in extra]
-    with pytest.raises(common.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         export_model.main(export_args(tmp_path / "no-model-here", adapter, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
 
 
 def test_misspelt_flag_is_an_input_error():
-    with pytest.raises(common.InputError, match=r"unknown option --quantise_4bit; did you mean --quantize_4bit\?"):
+    with pytest.raises(InputError, match=r"unknown option --quantise_4bit; did you mean --quantize_4bit\?"):
         export_model.parse_args(["--quantise_4bit"])

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, sft_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import common
 import grpo_train
 import sft_qlora
-from conftest import ROOT, sft_args
+from phi2qlora.errors import InputError, RunFault
+from phi2qlora.training import CHECKPOINT_FILES, COMPLETE_MARK, RUN_FILE, TrainingGuard, latest_complete_checkpoint
 
 FAST = ["--preview_steps", "0", "--eval_strategy", "no", "--logging_steps", "1", "--report_to", "none"]
 
@@ -62,7 +63,7 @@ class Run:
 
 
 def complete(out: Path, step: int) -> bool:
-    return (out / f"checkpoint-{step}" / common.COMPLETE_MARK).is_file()
+    return (out / f"checkpoint-{step}" / COMPLETE_MARK).is_file()
 
 
 def test_a_run_survives_sigterm_kill9_mid_save_and_ctrl_c(tiny_model_dir, sample_data_dir, tmp_path):
@@ -76,7 +77,7 @@ def test_a_run_survives_sigterm_kill9_mid_save_and_ctrl_c(tiny_model_dir, sample
     run.wait_for(lambda: complete(out, 2), "checkpoint-2")
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 128 + signal.SIGTERM, run.output()[-2000:]
-    stopped = common.latest_complete_checkpoint(out)
+    stopped = latest_complete_checkpoint(out)
     assert f"[stop] SIGTERM: stopped at step {stopped.split('-')[-1]}, saved {stopped}" in run.output()
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter for an unfinished run
 
@@ -86,10 +87,10 @@ def test_a_run_survives_sigterm_kill9_mid_save_and_ctrl_c(tiny_model_dir, sample
     run.proc.kill()
     run.finish()
     half = Path(run.output().split("HALF-WRITTEN ")[1].split()[0]).parent
-    assert all((half / f).is_file() for f in common.CHECKPOINT_FILES)  # every file there ...
+    assert all((half / f).is_file() for f in CHECKPOINT_FILES)  # every file there ...
     with pytest.raises(json.JSONDecodeError):
         json.loads((half / "trainer_state.json").read_text())  # ... one of them cut short
-    assert common.latest_complete_checkpoint(out) == stopped
+    assert latest_complete_checkpoint(out) == stopped
 
     # 3. Ctrl-C: resumes from the last complete checkpoint, says so, stops cleanly (130).
     run = Run(cmd(), tmp_path / "3.log")
@@ -134,11 +135,11 @@ class PoisonFrom(TrainerCallback):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
     args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "10", "--save_steps", "2", *FAST)
-    with pytest.raises(common.RunFault, match=r"step 3: .*NaN or inf.*fp16 overflow.*learning rate") as fault:
+    with pytest.raises(RunFault, match=r"step 3: .*NaN or inf.*fp16 overflow.*learning rate") as fault:
         sft_qlora.main(*args, callbacks=[PoisonFrom(3)])
     assert fault.value.exit_status == 1
     assert "checkpoint-2" in str(fault.value)
-    assert common.latest_complete_checkpoint(tmp_path).endswith("checkpoint-2")
+    assert latest_complete_checkpoint(tmp_path).endswith("checkpoint-2")
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "adapter_model.safetensors").exists()
     saved = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
@@ -149,11 +150,11 @@ def test_a_nan_logged_loss_is_caught(tmp_path):
     such steps, and training would go on doing nothing)."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    guard = common.TrainingGuard()
+    guard = TrainingGuard()
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     state = TrainerState(global_step=7)
     guard.on_log(args, state, TrainerControl(), logs={"loss": 1.0, "grad_norm": 0.5})
-    with pytest.raises(common.RunFault, match=r"step 7: the logged loss is nan"):
+    with pytest.raises(RunFault, match=r"step 7: the logged loss is nan"):
         guard.on_log(args, state, TrainerControl(), logs={"loss": float("nan")})
 
 
@@ -165,7 +166,7 @@ class RunOutOfMemory(TrainerCallback):
 
 def test_out_of_memory_names_the_values_to_lower(tiny_model_dir, sample_data_dir, tmp_path):
     args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "4", *FAST)
-    with pytest.raises(common.RunFault, match=r"out of GPU memory at step 1\. Lower, in this order: "
+    with pytest.raises(RunFault, match=r"out of GPU memory at step 1\. Lower, in this order: "
                                               r"per_device_train_batch_size \(now 8\), max_length \(now 256\)"):
         sft_qlora.main(*args, callbacks=[RunOutOfMemory()])
 
@@ -190,16 +191,16 @@ def recipe(tmp_path, *lines, base="sft_tiny.yaml") -> str:
     ("  oops: [", r"recipe\.yaml:\d+: not valid YAML"),
 ])
 def test_bad_recipes_are_named_with_their_line(tmp_path, line, message):
-    with pytest.raises(common.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         sft_qlora.parse_args(["--config", recipe(tmp_path, line)])
 
 
 def test_bad_flags_and_missing_recipe(tmp_path):
-    with pytest.raises(common.InputError, match=r"--learning_rate.*invalid float value: 'fast'"):
+    with pytest.raises(InputError, match=r"--learning_rate.*invalid float value: 'fast'"):
         sft_qlora.parse_args(["--learning_rate", "fast"])
-    with pytest.raises(common.InputError, match="nope.yaml: recipe not found"):
+    with pytest.raises(InputError, match="nope.yaml: recipe not found"):
         sft_qlora.parse_args(["--config", str(tmp_path / "nope.yaml")])
-    with pytest.raises(common.InputError, match="unknown key 'sft_adapter'"):  # GRPO's recipe given to SFT
+    with pytest.raises(InputError, match="unknown key 'sft_adapter'"):  # GRPO's recipe given to SFT
         sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "grpo_tiny.yaml")])
 
 
@@ -213,7 +214,7 @@ def test_the_cli_prints_one_line_and_exits_2_before_loading_a_model(tmp_path, sa
           str(tmp_path / "no-model"), "--train_file", str(sample_data_dir / "grpo_prompts.jsonl")],
          "grpo_prompts.jsonl:1: field 'messages' must be a non-empty list"),
         ([str(ROOT / "grpo_train.py"), "--config", str(ROOT / "recipes" / "grpo_tiny.yaml"), "--model_name_or_path",
-          str(tmp_path / "no-model"), "--sft_adapter", str(tmp_path / "no-adapter")], "no-adapter: no SFT adapter there"),
+          str(tmp_path / "no-model"), "--sft_adapter", str(tmp_path / "no-adapter")], "no-adapter: no adapter there"),
     ]
     for argv, message in cases:
         result = run_cli(*argv)
@@ -224,20 +225,20 @@ def test_the_cli_prints_one_line_and_exits_2_before_loading_a_model(tmp_path, sa
 def test_an_output_dir_that_holds_another_run_is_refused(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "sft"
     sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, out, "--max_steps", "2", "--save_steps", "2", *FAST))
-    assert json.loads((out / common.RUN_FILE).read_text())["script"] == "sft_qlora.py"
+    assert json.loads((out / RUN_FILE).read_text())["script"] == "sft_qlora.py"
 
-    with pytest.raises(common.InputError, match=r"holds another run \(lora_r: 16 there, 8 now\)"):
+    with pytest.raises(InputError, match=r"holds another run \(lora_r: 16 there, 8 now\)"):
         sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, out, "--max_steps", "4", "--lora_r", "8", *FAST))
-    with pytest.raises(common.InputError, match=r"--resume is false; to start over, remove the directory"):
+    with pytest.raises(InputError, match=r"--resume is false; to start over, remove the directory"):
         sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, out, "--max_steps", "4", "--resume", "false", *FAST))
-    with pytest.raises(common.InputError, match=r"holds another run \(.*script: 'sft_qlora.py' there, 'grpo_train.py' now"):
+    with pytest.raises(InputError, match=r"holds another run \(.*script: 'sft_qlora.py' there, 'grpo_train.py' now"):
         grpo_train.main(*grpo_train.parse_args([
             "--config", str(ROOT / "recipes" / "grpo_tiny.yaml"), "--model_name_or_path", str(tiny_model_dir),
             "--sft_adapter", str(out), "--prompts_file", str(sample_data_dir / "grpo_prompts.jsonl"),
             "--output_dir", str(out), "--report_to", "none"]))
     stranger = tmp_path / "stranger"
     (stranger / "checkpoint-5").mkdir(parents=True)
-    with pytest.raises(common.InputError, match=r"holds checkpoints or an adapter of another run"):
+    with pytest.raises(InputError, match=r"holds checkpoints or an adapter of another run"):
         sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, stranger, "--max_steps", "2", *FAST))
 
 
@@ -252,5 +253,5 @@ def test_grpo_refuses_to_resume_on_a_retrained_sft_adapter(tiny_model_dir, sampl
     sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "sft2", "--max_steps", "2",
                              "--save_strategy", "no", *FAST))
     (sft / "adapter_model.safetensors").write_bytes((tmp_path / "sft2" / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(common.InputError, match=r"holds another run \(sft_adapter_sha256: "):
+    with pytest.raises(InputError, match=r"holds another run \(sft_adapter_sha256: "):
         grpo_train.main(*grpo_train.parse_args(args))

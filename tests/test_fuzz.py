@@ -1,6 +1,6 @@
 """Fuzzing (issue 8): the data loaders and the rewards on random and mutated input.
 
-A loader may succeed, with well-formed output, or stop with common.InputError (the one-line
+A loader may succeed, with well-formed output, or stop with InputError (the one-line
 error naming the file and line; exit status 2 through the CLI). Anything else (KeyError,
 TypeError, RecursionError, UnicodeEncodeError, ...) is a bug. A reward never raises and
 gives finite values in its documented range, whatever the strings.
@@ -10,7 +10,7 @@ To hunt, run many random ones:
 
     FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
 
-test_found_* pin what the fuzzer found (fixed in data_prep.py, rewards.py and common.py).
+test_found_* pin what the fuzzer found (fixed in data_prep.py, rewards.py and the phi2qlora readers).
 """
 
 from __future__ import annotations
@@ -35,7 +35,19 @@ sys.path.insert(0, str(ROOT))
 
 import data_prep  # noqa: E402
 import rewards  # noqa: E402
-from common import ASSISTANT, END, USER, InputError, count_words, exit_on_input_error, format_chat  # noqa: E402
+from phi2qlora.chat import ASSISTANT, END, USER, answer_text, format_chat
+from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.files import read_prompt_rows
+from phi2qlora.rewards import REWARD_FUNCS, score, word_limit_compliance, word_limit_reward
+from phi2qlora.word_limits import (
+    MAX_LIMIT_WORDS,
+    WORD_LIMIT_TEMPLATES,
+    WORD_LIMITS,
+    count_words,  # noqa: E402
+    limit_of,
+    parse_word_limit,
+    row_limit,
+)
 
 SAMPLE = ROOT / "data" / "sample" / "oasst1_sample.jsonl"
 HUNT = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -67,7 +79,7 @@ HUGE_INT = "1" + "0" * 5000
 SURROGATE = '"text with half a character \\ud800"'
 ODD_LITERALS = ["NaN", "-Infinity", "1e999", "-0", "1" + "0" * 400, '"\\u0000"', '"\\ud83d\\ude00 paired"',
                 '"\\u2028 \\u0085 \\ufeff"', "[]", "{}", '""', "[[[[[[[[]]]]]]]]"]
-BAD_LITERALS = [DEEP, HUGE_INT, SURROGATE]  # crash common.read_jsonl_rows: see the xfail tests
+BAD_LITERALS = [DEEP, HUGE_INT, SURROGATE]  # crash read_jsonl_rows: see the xfail tests
 junk_lines = st.one_of(st.binary(max_size=60), st.text(max_size=60).map(lambda t: t.encode("utf-8")),
                        st.sampled_from([b"", b"   ", b"\t", b"\xef\xbb\xbf", b"\xff\xfe", b"\xed\xa0\x80",
                                         b"\xc3", b'{"a": 1', b"null", b"[1, 2]", b'"a string"', b"42"]))
@@ -199,12 +211,12 @@ def without_limit(text: str, word_limit: int | None) -> str:
     bound is `word_limit` ("under 50 words": 49, so N is word_limit or word_limit + 1)."""
     if word_limit is None:
         return text
-    for template in data_prep.WORD_LIMIT_TEMPLATES:
+    for template in WORD_LIMIT_TEMPLATES:
         for n in (word_limit, word_limit + 1):
             instruction = template.format(n=n)
             for sep in (" ", "\n\n"):
-                if text.endswith(sep + instruction) and n in data_prep.WORD_LIMITS:
-                    assert data_prep.limit_of(template, n) == word_limit
+                if text.endswith(sep + instruction) and n in WORD_LIMITS:
+                    assert limit_of(template, n) == word_limit
                     return text[: -len(sep + instruction)]
     raise AssertionError(f"no word-limit instruction for {word_limit} at the end of {text!r}")
 
@@ -234,7 +246,7 @@ def check_outputs(out: Path, summary: dict, args) -> None:
         assert all(m["content"] and m["content"] == m["content"].strip() for m in row["messages"])
         if row["word_limit"] is not None:  # a concise example: its own reply obeys the limit its last turn sets
             without_limit(row["messages"][-2]["content"], row["word_limit"])
-            assert rewards.parse_word_limit(row["messages"][-2]["content"]) == ("max", row["word_limit"])
+            assert parse_word_limit(row["messages"][-2]["content"]) == ("max", row["word_limit"])
             assert 1 <= count_words(row["messages"][-1]["content"]) <= row["word_limit"]
     assert all(row["word_limit"] is None for row in held_out)
     assert sum(row["word_limit"] is not None for row in train) == summary["examples_train_word_limited"]
@@ -253,9 +265,9 @@ def check_outputs(out: Path, summary: dict, args) -> None:
             assert set(r) == {"prompt", "word_limit"}
             assert keys is None or key(base_prompt(r)) in keys
             if r["word_limit"] is not None:
-                assert r["word_limit"] in data_prep.WORD_LIMITS or r["word_limit"] + 1 in data_prep.WORD_LIMITS
-                assert rewards.parse_word_limit(r["prompt"]) == ("max", r["word_limit"]), r["prompt"]
-                assert rewards.row_limit(r["prompt"], r["word_limit"]) == ("max", r["word_limit"])
+                assert r["word_limit"] in WORD_LIMITS or r["word_limit"] + 1 in WORD_LIMITS
+                assert parse_word_limit(r["prompt"]) == ("max", r["word_limit"]), r["prompt"]
+                assert row_limit(r["prompt"], r["word_limit"]) == ("max", r["word_limit"])
     assert len(grpo) == summary["grpo_prompts"] and len(heldout_prompts) == summary["heldout_prompts"]
 
 
@@ -503,18 +515,18 @@ def test_data_prep_random_forests_in_every_format(rows, strategy, lang, eval_fra
 
 
 # ---------------------------------------------------------------------------------------
-# 2. The readers of data_prep's outputs: common.read_prompt_rows, sft_qlora.load_conversations,
+# 2. The readers of data_prep's outputs: read_prompt_rows, sft_qlora.load_conversations,
 #    grpo_train.load_prompts
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def chat_tokenizer(tmp_path_factory):
     """The tiny model's tokenizer (make_tiny_model.train_tokenizer, as the tiny_model_dir
     fixture builds it) with the chat tokens: seconds, where the whole tiny model takes minutes."""
-    import make_tiny_model
-    from common import load_chat_tokenizer
+    from phi2qlora.model import load_chat_tokenizer
+    from phi2qlora.tiny_tokenizer import sample_texts, train_tokenizer
 
     path = tmp_path_factory.mktemp("fuzz-tokenizer")
-    make_tiny_model.train_tokenizer(make_tiny_model.sample_texts(SAMPLE), 1000).save_pretrained(path)
+    train_tokenizer(sample_texts(SAMPLE), 1000).save_pretrained(path)
     return load_chat_tokenizer(str(path))
 
 
@@ -528,7 +540,7 @@ conversation_rows = st.fixed_dictionaries({"messages": exchanges},
 
 
 def decoded_nonblank(raw: bytes) -> int:
-    """Lines common.read_jsonl_rows reads: JSON Lines end in \\n (a \\r before it is
+    """Lines read_jsonl_rows reads: JSON Lines end in \\n (a \\r before it is
     whitespace to JSON)."""
     text = raw.decode("utf-8-sig", errors="replace")  # with a limit, a reader may stop before a bad byte
     return sum(1 for line in text.split("\n") if line.strip())
@@ -557,7 +569,6 @@ def call_reader(fn, *args):
 @fuzz(60)
 @given(raw=reader_file(prompt_rows, ["prompt", "word_limit"]), suffix=st.sampled_from([".jsonl", ".txt"]))
 def test_read_prompt_rows(raw, suffix):
-    from common import read_prompt_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"prompts{suffix}"
@@ -614,7 +625,7 @@ def test_grpo_load_prompts(chat_tokenizer, raw, max_tokens, limit):
         assert row["word_limit"] is None or row["word_limit"] >= 1
 
 
-# Found by this file: each crashed common.read_jsonl_rows or a reader built on it (the
+# Found by this file: each crashed read_jsonl_rows or a reader built on it (the
 # exception it raised is in the id); each must give an InputError naming the line.
 def known_bug(line, reader, crash, name):
     return pytest.param(line, reader, id=f"{name}-was-{crash.__name__}")
@@ -635,7 +646,6 @@ COMMON_BUGS = [
 def test_found_common_readers_name_the_line(chat_tokenizer, tmp_path, line, reader):
     import grpo_train
     import sft_qlora
-    from common import read_prompt_rows
 
     src = tmp_path / "in.jsonl"
     src.write_text(line, encoding="utf-8")
@@ -713,41 +723,41 @@ word_limits = st.one_of(st.none(), st.integers(-5, 10**6), st.integers(10**9, 10
 
 def check_limit(limit) -> None:
     assert limit is None or (limit[0] in ("max", "min", "about") and type(limit[1]) is int
-                             and 1 <= limit[1] <= rewards.MAX_LIMIT_WORDS)
+                             and 1 <= limit[1] <= MAX_LIMIT_WORDS)
 
 
 @fuzz(300)
 @given(text=st.one_of(limit_prompts, any_prompts))
 def test_parse_word_limit_reads_any_prompt(text):
-    check_limit(rewards.parse_word_limit(text))
+    check_limit(parse_word_limit(text))
 
 
 @fuzz(100)
 @given(n=st.integers(1, 999_999), and_=st.booleans(), before=st.sampled_from(["", "Why? ", "List 3 things. "]))
 def test_spelled_out_limits_read_as_numbers(n, and_, before):
-    assert rewards.parse_word_limit(f"{before}Use at most {spell(n, and_)} words.") == ("max", n)
-    assert rewards.parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == (
+    assert parse_word_limit(f"{before}Use at most {spell(n, and_)} words.") == ("max", n)
+    assert parse_word_limit(f"{before}Answer in under {spell(n, and_)} words.") == (
         ("max", n - 1) if n > 1 else None)  # strict: "under N" allows N-1
-    assert rewards.parse_word_limit(f"{before}Use at least {n:,} words.") == ("min", n)
+    assert parse_word_limit(f"{before}Use at least {n:,} words.") == ("min", n)
 
 
 @fuzz(150)
 @given(rows=st.lists(st.tuples(any_prompts, completions, word_limits, st.booleans()), min_size=1, max_size=4))
 def test_rewards_finite_and_consistent_for_any_strings(rows):
     prompts, comps, limits, ended = (list(column) for column in zip(*rows))
-    scores = rewards.score(prompts, comps, None, word_limit=limits, ended=ended)
-    assert set(scores) == {f.__name__ for f in rewards.REWARD_FUNCS}
+    scores = score(prompts, comps, None, word_limit=limits, ended=ended)
+    assert set(scores) == {f.__name__ for f in REWARD_FUNCS}
     for values in scores.values():
         assert len(values) == len(rows)
         assert all(type(v) is float and math.isfinite(v) and -1.0 <= v <= 1.0 for v in values)
-    compliance = rewards.word_limit_compliance(prompts, comps, word_limit=limits)
+    compliance = word_limit_compliance(prompts, comps, word_limit=limits)
     for i, c in enumerate(compliance):
         reward = scores["word_limit_reward"][i]
         if c is None:  # no limit: no reward either way
             assert reward == 0.0
         else:  # an answer that ended earns the full reward exactly when it complies
             assert c in (0.0, 1.0) and (reward == 1.0) == (c == 1.0 and ended[i])
-        assert (c is None) == (rewards.row_limit(prompts[i], limits[i]) is None)
+        assert (c is None) == (row_limit(prompts[i], limits[i]) is None)
 
 
 pair_rows = st.fixed_dictionaries(
@@ -777,7 +787,7 @@ def test_rewards_cli_on_mutated_pairs(data):
     assert len(scored) == len(written) == nonblank(raw, unicode_blank=True)
     for row in written:
         assert type(row["ended"]) is bool and (row["word_limit"] is None or row["word_limit"] >= 1)
-        assert row["words"] == count_words(rewards.answer_text(row["completion"]))
+        assert row["words"] == count_words(answer_text(row["completion"]))
         assert all(math.isfinite(v) and -1 <= v <= 1 for v in row["rewards"].values())
         assert math.isfinite(row["total"]) and row["compliance"] in (None, 0.0, 1.0)
 
@@ -859,23 +869,23 @@ def test_found_word_limit_after_an_unpunctuated_negation_stays_a_maximum(prompt)
 
     rows = data_prep.prompt_rows([({"text": prompt}, [])] * 1, 1.0, random.Random(0))
     assert rows[0]["prompt"].startswith(prompt + "\n\n")
-    assert rewards.row_limit(rows[0]["prompt"], rows[0]["word_limit"]) == ("max", rows[0]["word_limit"])
-    assert rewards.parse_word_limit(rows[0]["prompt"]) == ("max", rows[0]["word_limit"])
+    assert row_limit(rows[0]["prompt"], rows[0]["word_limit"]) == ("max", rows[0]["word_limit"])
+    assert parse_word_limit(rows[0]["prompt"]) == ("max", rows[0]["word_limit"])
 
 
 @pytest.mark.parametrize("prompt", ["Use at least one " + "hundred " * 200 + "words.",
                                     "Write about one " + "hundred " * 200 + "words."], ids=["min", "about"])
 def test_found_rewards_spelled_out_huge_limit(prompt):
     """10**400 spelled out reached limit_score, whose float division overflowed."""
-    assert rewards.parse_word_limit(prompt) is None
-    assert rewards.score([prompt], ["a short answer"], ended=[True])["word_limit_reward"] == [0.0]
-    assert rewards.word_limit_compliance([prompt], ["a short answer"]) == [None]
-    assert rewards.word_limit_reward(["x"], ["hi there"], word_limit=[Fraction(10**400)], ended=[True]) == [0.0]
+    assert parse_word_limit(prompt) is None
+    assert score([prompt], ["a short answer"], ended=[True])["word_limit_reward"] == [0.0]
+    assert word_limit_compliance([prompt], ["a short answer"]) == [None]
+    assert word_limit_reward(["x"], ["hi there"], word_limit=[Fraction(10**400)], ended=[True]) == [0.0]
 
 
 @pytest.mark.parametrize("line, problem", [
     (DEEP, "JSON nested too deeply to read"),
-    ('{"prompt": "hi", "completion": "x", "word_limit": ' + HUGE_INT + "}", "a number in the line is too long"),
+    ('{"prompt": "hi", "completion": "x", "word_limit": ' + HUGE_INT + "}", "a number too long to read"),
     ('{"prompt": "hi", "completion": ' + SURROGATE + "}", "field 'completion' holds an unpaired surrogate"),
 ], ids=["deep", "huge_int", "surrogate"])
 def test_found_rewards_cli_odd_json_is_a_clear_error(tmp_path, line, problem):
@@ -904,5 +914,5 @@ def test_found_rewards_long_run_of_number_words_takes_linear_time(run):
 
     text = "Answer in under 50 words. " + run * (16_000 // len(run))
     start = time.process_time()
-    assert rewards.parse_word_limit(text) == ("max", 49)
+    assert parse_word_limit(text) == ("max", 49)
     assert time.process_time() - start < 2.0  # about 0.1 s now

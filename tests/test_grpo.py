@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE, sft_args, stop_at
 from safetensors.torch import load_file
 
-import common
-import data_prep
 import evaluate
 import grpo_train
-import rewards
 import sft_qlora
-from conftest import ROOT, SAMPLE, sft_args, stop_at
-from preview_callback import generate_answers
+from phi2qlora.answers import generate_answers
+from phi2qlora.files import read_prompt_rows
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
+from phi2qlora.rewards import REWARD_FUNCS, REWARD_WEIGHTS, score, weighted_total, word_limit_compliance
+from phi2qlora.training import latest_complete_checkpoint
+from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS, with_instruction
 
 TIGHT_LIMIT = "Answer in under 20 words."
 
@@ -83,9 +85,15 @@ def test_reference_is_the_sft_model_and_kl_starts_at_zero(tiny_model_dir, data_d
     logs = [h for h in trainer.state.log_history if "kl" in h]
     assert [h["step"] for h in logs] == [1, 2]  # logged every step, with what a person watches:
     for key in ("reward", "completion_words", "word_limit_compliance",
-                *(f"rewards/{f.__name__}/mean" for f in rewards.REWARD_FUNCS)):
+                *(f"rewards/{f.__name__}/mean" for f in REWARD_FUNCS)):
         assert all(key in h for h in logs), key
     assert (tmp_path / "rewards.png").stat().st_size > 1000
+    # GRPO trains with the weights evaluate.py and rewards.py total with (REWARD_WEIGHTS), and
+    # the `reward` it logs is that total of the logged means.
+    assert trainer.reward_weights.tolist() == pytest.approx([REWARD_WEIGHTS[f.__name__] for f in REWARD_FUNCS])
+    for h in logs:
+        assert h["reward"] == pytest.approx(weighted_total({f.__name__: h[f"rewards/{f.__name__}/mean"]
+                                                            for f in REWARD_FUNCS}), abs=1e-5)
     assert logs[0]["kl"] < 1e-5  # policy == reference before the first update
     assert logs[-1]["kl"] > logs[0]["kl"]
 
@@ -108,14 +116,14 @@ def test_reference_is_the_sft_model_and_kl_starts_at_zero(tiny_model_dir, data_d
 
 
 def heldout_scores(model_dir, adapter_dir, prompts, limits):
-    tokenizer = common.load_chat_tokenizer(str(adapter_dir))
-    model = common.load_adapter(common.load_base_model(str(model_dir), tokenizer, torch.float32), str(adapter_dir))
+    tokenizer = load_chat_tokenizer(str(adapter_dir))
+    model = load_adapter(load_base_model(str(model_dir), tokenizer, torch.float32), str(adapter_dir))
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=96)
     completions = [a["answer"] for a in answers]
     ended = [a["ended"] for a in answers]
-    scores = rewards.score(prompts, completions, ended=ended, word_limit=limits)
-    total = sum(w * sum(scores[name]) / len(prompts) for name, w in rewards.DEFAULT_WEIGHTS.items())
-    compliance = rewards.word_limit_compliance(prompts, completions, word_limit=limits)
+    scores = score(prompts, completions, ended=ended, word_limit=limits)
+    total = sum(w * sum(scores[name]) / len(prompts) for name, w in REWARD_WEIGHTS.items())
+    compliance = word_limit_compliance(prompts, completions, word_limit=limits)
     return total, sum(compliance) / len(compliance)
 
 
@@ -145,7 +153,7 @@ def test_resumed_grpo_equals_uninterrupted(tiny_model_dir, data_dir, sft_dir, tm
     run = ["--max_steps", "4", "--save_steps", "2", "--preview_steps", "0"]
     straight = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "a", *run))
     grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "b", *run), callbacks=[stop_at(2)])
-    assert common.latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-2")
+    assert latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-2")
     resumed = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "b", *run))
 
     a = load_file(tmp_path / "a" / "adapter_model.safetensors")
@@ -168,14 +176,14 @@ LIMIT, NEW_TOKENS = 20, 96
 
 def limited_heldout_rows(data_dir):
     """The held-out prompts (eval trees only), each with limit LIMIT in the phrasings in turn."""
-    rows = common.read_prompt_rows(data_dir / "heldout_prompts.jsonl")
+    rows = read_prompt_rows(data_dir / "heldout_prompts.jsonl")
     bare = [r["prompt"] for r in rows]
     for i, r in enumerate(rows):
         if r["word_limit"] is not None:  # drop data_prep's own instruction, to give every prompt the same N
-            bare[i] = next(r["prompt"][: -len(t.format(n=n))].rstrip() for t in data_prep.WORD_LIMIT_TEMPLATES
-                           for n in data_prep.WORD_LIMITS if r["prompt"].endswith(t.format(n=n)))
-    templates = data_prep.WORD_LIMIT_TEMPLATES
-    return [{"prompt": common.with_instruction(p, templates[i % len(templates)].format(n=LIMIT)),
+            bare[i] = next(r["prompt"][: -len(t.format(n=n))].rstrip() for t in WORD_LIMIT_TEMPLATES
+                           for n in WORD_LIMITS if r["prompt"].endswith(t.format(n=n)))
+    templates = WORD_LIMIT_TEMPLATES
+    return [{"prompt": with_instruction(p, templates[i % len(templates)].format(n=LIMIT)),
              "word_limit": None} for i, p in enumerate(bare)]
 
 
@@ -207,12 +215,12 @@ def test_compliance_at_each_stage(tiny_model_dir, data_dir, plain_data_dir, sft_
     plain, concise = plain_data_dir, data_dir
     rows = limited_heldout_rows(concise)
     assert rows == limited_heldout_rows(plain) and len(rows) == 12  # the same held-out prompts for every stage
-    tokenizer = common.load_chat_tokenizer(str(adapters["sft_plain"]))
+    tokenizer = load_chat_tokenizer(str(adapters["sft_plain"]))
     metrics = {}
     for name, adapter in adapters.items():
-        model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+        model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
         if adapter is not None:
-            model = common.load_adapter(model, str(adapter))
+            model = load_adapter(model, str(adapter))
         answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=NEW_TOKENS)
         metrics[name] = evaluate.summarise(evaluate.score_answers(rows, answers))
     print("\n| model | compliance | median words | ended |\n| --- | ---: | ---: | ---: |")

@@ -12,12 +12,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SAMPLE, sft_args
 
-import common
 import data_prep
 import memory_plan
 import sft_qlora
-from conftest import ROOT, SAMPLE, sft_args
+from phi2qlora.args import GRPOScriptArguments, SFTScriptArguments, parse_script_args
+from phi2qlora.errors import InputError
+from phi2qlora.files import read_jsonl_rows, write_atomic
+from phi2qlora.training import RUN_FILE
 
 # Root ignores file permissions; without CAP_DAC_OVERRIDE it meets them as any user does.
 AS_A_USER = (["setpriv", "--bounding-set=-dac_override,-dac_read_search",
@@ -60,7 +63,7 @@ def test_an_output_the_os_refuses(read_only_dir, tmp_path):
         (["data_prep.py", "--dataset_name", SAMPLE, "--output_dir", read_only_dir / "data"], AS_A_USER,
          r"--output_dir .*read-only/data: cannot write in .*read-only \(permission denied"),
         (["data_prep.py", "--dataset_name", SAMPLE, "--output_dir", a_file / "data"], (),
-         r"a-file is a file; pick another --output_dir"),
+         r"a-file is a file; choose another --output_dir"),
         (["rewards.py", pairs, "--out", read_only_dir / "scored.jsonl"], AS_A_USER,
          r"--out .*scored\.jsonl: cannot write in .*read-only"),
         (["rewards.py", pairs, "--out", a_file / "scored.jsonl"], (),
@@ -75,11 +78,11 @@ def test_an_output_the_os_refuses(read_only_dir, tmp_path):
 
 def test_write_atomic_turns_the_os_refusal_into_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(common.InputError, match=r"f/out\.json: cannot write it: .*f is a file, not a folder"):
-        common.write_atomic(tmp_path / "f" / "out.json", "{}")
+    with pytest.raises(InputError, match=r"f/out\.json: cannot write it: .*f is a file, not a folder"):
+        write_atomic(tmp_path / "f" / "out.json", "{}")
     (tmp_path / "d.json").mkdir()  # a folder where the file goes: the rename fails
-    with pytest.raises(common.InputError, match=r"d\.json: cannot write it \(.*\); choose another output path"):
-        common.write_atomic(tmp_path / "d.json", "{}")
+    with pytest.raises(InputError, match=r"d\.json: cannot write it \(.*\); choose another output path"):
+        write_atomic(tmp_path / "d.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "f"]  # no temporary file left behind
 
 
@@ -108,7 +111,7 @@ def write(path, data: bytes):
     (b"max_steps: -5\n", r"bad\.yaml:1: 'max_steps' must be a positive whole number, or -1"),
 ])
 def test_a_recipe_that_cannot_be_used(tmp_path, content, pattern):
-    with pytest.raises(common.InputError, match=pattern):
+    with pytest.raises(InputError, match=pattern):
         sft_qlora.parse_args(["--config", write(tmp_path / "bad.yaml", content)])
 
 
@@ -124,7 +127,7 @@ def test_a_recipe_that_cannot_be_used(tmp_path, content, pattern):
     (["--accelerator_config", "missing.json"], r"FileNotFoundError: .*missing\.json.*\(check the values in"),
 ])
 def test_values_out_of_range_are_named_before_any_model_loads(flags, pattern):
-    with pytest.raises(common.InputError, match=pattern):
+    with pytest.raises(InputError, match=pattern):
         sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "sft_tiny.yaml"), *flags])
 
 
@@ -134,13 +137,13 @@ def test_grpo_values_that_would_crash_its_config(tmp_path):
     for flags, pattern in ((["--num_generations", "0"], r"--num_generations must be at least 2"),
                            (["--temperature", "0"], r"--temperature must be a positive number"),
                            (["--beta", "-1"], r"--beta must be a number, 0 or more")):
-        with pytest.raises(common.InputError, match=pattern):
+        with pytest.raises(InputError, match=pattern):
             grpo_train.parse_args(["--config", str(ROOT / "recipes" / "grpo_tiny.yaml"), *flags])
 
 
 def test_a_model_folder_without_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.InputError, match=r"empty: no model in that folder \(config\.json missing\)"):
+    with pytest.raises(InputError, match=r"empty: no model in that folder \(config\.json missing\)"):
         sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "sft_tiny.yaml"),
                               "--model_name_or_path", str(tmp_path / "empty")])
 
@@ -159,26 +162,26 @@ def test_a_corrected_command_may_take_over_the_output_dir_of_a_failed_start(tiny
     fixed command must not be told the folder "holds another run"."""
     out = tmp_path / "run"
     fast = ["--max_steps", "1", "--preview_steps", "0", "--eval_strategy", "no", "--save_strategy", "no"]
-    with pytest.raises(common.InputError, match=r"could not load 'nobody/no-such-model' \(offline"):
+    with pytest.raises(InputError, match=r"could not load 'nobody/no-such-model' \(offline"):
         sft_qlora.main(*sft_args("nobody/no-such-model", sample_data_dir, out, *fast))
-    assert json.loads((out / common.RUN_FILE).read_text())["model"] == "nobody/no-such-model"
+    assert json.loads((out / RUN_FILE).read_text())["model"] == "nobody/no-such-model"
     sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, out, *fast))
-    assert json.loads((out / common.RUN_FILE).read_text())["model"] == str(tiny_model_dir)
+    assert json.loads((out / RUN_FILE).read_text())["model"] == str(tiny_model_dir)
     assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_malformed_json_reads_naturally(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"message_id": "a", "text": "unterminated}')
-    with pytest.raises(common.InputError, match=r"d\.jsonl:1: malformed JSON \(Unterminated string starting at column 29\)"):
-        data_prep.main(common.parse_script_args(data_prep.ScriptArguments, [
+    with pytest.raises(InputError, match=r"d\.jsonl:1: malformed JSON \(Unterminated string starting at column 29\)"):
+        data_prep.main(parse_script_args(data_prep.ScriptArguments, [
             "--dataset_name", str(path), "--output_dir", str(tmp_path / "out")]))
-    with pytest.raises(common.InputError, match=r"d\.jsonl:1: not valid JSON \(Unterminated string starting at column 29\)"):
-        list(common.read_jsonl_rows(path, "data file"))
+    with pytest.raises(InputError, match=r"d\.jsonl:1: malformed JSON \(Unterminated string starting at column 29\)"):
+        list(read_jsonl_rows(path, "data file"))
 
 
 def test_memory_plan_reads_a_bad_recipe_as_training_does(tmp_path):
-    with pytest.raises(common.InputError, match=r"bad\.yaml:1: not UTF-8 text"):
+    with pytest.raises(InputError, match=r"bad\.yaml:1: not UTF-8 text"):
         memory_plan.main(["--config", write(tmp_path / "bad.yaml", b"\xff\xfe")])
 
 
@@ -206,12 +209,12 @@ def test_flag_fuzzing_every_entry_point_gives_an_input_error_or_a_config():
     values = ["nan", "inf", "-1", "0", "1e30", "2.5", "abc", "", "None", "[1]", "ü", "1" * 30]
     scripts = {
         "sft": (lambda a: sft_qlora.parse_args(["--config", str(ROOT / "recipes/sft_tiny.yaml"), *a]),
-                (sft_qlora.ScriptArguments, SFTConfig, ModelConfig)),
+                (SFTScriptArguments, SFTConfig, ModelConfig)),
         "grpo": (lambda a: grpo_train.parse_args(["--config", str(ROOT / "recipes/grpo_tiny.yaml"), *a]),
-                 (grpo_train.ScriptArguments, GRPOConfig, ModelConfig)),
+                 (GRPOScriptArguments, GRPOConfig, ModelConfig)),
         "evaluate": (evaluate.parse_args, (evaluate.EvalArguments,)),
         "export": (export_model.parse_args, (export_model.ExportArguments,)),
-        "data_prep": (lambda a: common.parse_script_args(data_prep.ScriptArguments, a), (data_prep.ScriptArguments,)),
+        "data_prep": (lambda a: parse_script_args(data_prep.ScriptArguments, a), (data_prep.ScriptArguments,)),
         "app": (app.parse_args, (app.AppArguments,)),
     }
     crashes = []
@@ -224,7 +227,7 @@ def test_flag_fuzzing_every_entry_point_gives_an_input_error_or_a_config():
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     parse([f"--{field}", value])
-            except (common.InputError, SystemExit):
+            except (InputError, SystemExit):
                 pass
             except Exception as e:  # noqa: BLE001 - the point is to catch anything else
                 crashes.append(f"{name} --{field} {value!r}: {type(e).__name__}: {str(e)[:80]}")

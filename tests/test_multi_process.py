@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-import common
-from conftest import ROOT
+from phi2qlora.training import latest_complete_checkpoint
 
 # `--multi_gpu` is accelerate's torchrun launcher; on a machine without GPUs the Trainer then
 # needs `--use_cpu true` to set up gloo (accelerate's own `--cpu` starts one process only).
@@ -62,7 +62,7 @@ def test_sft_on_two_processes(tiny_model_dir, sample_data_dir, tmp_path):
     assert "[batch] effective batch 8 = 4 per micro-batch x 1 accumulated x 2 processes" in log
     assert log.count("[batch]") == 1 and log.count("## Preview at step 2") == 1  # the main process only
     trained = assert_same_weights(out)
-    assert common.latest_complete_checkpoint(out).endswith("checkpoint-4")
+    assert latest_complete_checkpoint(out).endswith("checkpoint-4")
     saved = load_file(out / "adapter_model.safetensors")
     for key, value in saved.items():  # the saved adapter is what the processes hold
         (name,) = [n for n in trained if n.replace(".default", "") == key]

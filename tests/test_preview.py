@@ -6,12 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import sft_args
 from transformers import TrainerState
 
-import common
 import sft_qlora
-from conftest import sft_args
-from preview_callback import DEFAULT_PROMPTS, PreviewCallback, generate_answers
+from phi2qlora.answers import generate_answers
+from phi2qlora.chat import DEFAULT_PROMPTS
+from phi2qlora.model import load_base_model, load_chat_tokenizer
+from phi2qlora.word_limits import count_words
+from preview_callback import PreviewCallback
 
 
 def test_previews_fire_before_every_n_steps_and_after(tiny_model_dir, sample_data_dir, tmp_path):
@@ -20,7 +23,7 @@ def test_previews_fire_before_every_n_steps_and_after(tiny_model_dir, sample_dat
     rows = [json.loads(line) for line in (tmp_path / "previews.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [s for s in (0, 2, 4, 5) for _ in DEFAULT_PROMPTS]
     assert [r["prompt"] for r in rows[:4]] == DEFAULT_PROMPTS
-    assert all(r["words"] == common.count_words(r["answer"]) and isinstance(r["ended"], bool) for r in rows)
+    assert all(r["words"] == count_words(r["answer"]) and isinstance(r["ended"], bool) for r in rows)
     md = (tmp_path / "previews.md").read_text()
     for heading in ("Preview at step 0 (before training)", "Preview at step 2", "Preview at step 4",
                     "Preview at step 5"):
@@ -30,8 +33,8 @@ def test_previews_fire_before_every_n_steps_and_after(tiny_model_dir, sample_dat
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    return common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32), tokenizer
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    return load_base_model(str(tiny_model_dir), tokenizer, torch.float32), tokenizer
 
 
 def test_generation_restores_flags_and_is_deterministic(model_and_tokenizer):
@@ -50,28 +53,28 @@ def test_generation_restores_flags_and_is_deterministic(model_and_tokenizer):
 
 
 def test_fast_previews_equal_plain_ones(model_and_tokenizer, monkeypatch):
-    """The callback's default, fast_rollouts' greedy decoding, gives plain generate's text
+    """The callback's default, the fast decoder's greedy decoding, gives plain generate's text
     (fp32 on the CPU), and it really ran: a base model without adapters here, a PeftModel
-    in test_fast_rollouts.py."""
-    import fast_rollouts
+    in test_rollouts.py."""
+    from phi2qlora import rollouts
 
     model, tokenizer = model_and_tokenizer
     calls = []
-    real = fast_rollouts.generate
-    monkeypatch.setattr(fast_rollouts, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rollouts.generate
+    monkeypatch.setattr(rollouts, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24, batch_size=3, fast=True)
     assert len(calls) == 2  # two batches
     assert fast == generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24)
 
 
 def test_fast_previews_fall_back_to_plain_generate_out_of_memory(model_and_tokenizer, monkeypatch):
-    import fast_rollouts
+    from phi2qlora import rollouts
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(fast_rollouts, "generate", no_memory)
+    monkeypatch.setattr(rollouts, "generate", no_memory)
     fast = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12, fast=True)
     assert fast == generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=12)
 

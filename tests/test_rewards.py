@@ -15,11 +15,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data_prep
-import rewards
-from common import ASSISTANT, END, USER, format_prompt
+import phi2qlora.rewards
+from phi2qlora.chat import ASSISTANT, END, USER, format_prompt
+from phi2qlora.rewards import (
+    CONCISENESS_MIN_WORDS,
+    REWARD_FUNCS,
+    REWARD_WEIGHTS,
+    conciseness_reward,
+    format_reward,
+    make_reward_funcs,
+    word_limit_compliance,
+    word_limit_reward,
+)
+from phi2qlora.word_limits import (
+    LIMIT_INSTRUCTION,
+    WORD_LIMIT_TEMPLATES,
+    WORD_LIMITS,
+    parse_word_limit,
+    row_limit,
+    words_to_number,
+)
 from tests.conftest import ROOT
 
-ALL = [*rewards.REWARD_FUNCS, rewards.word_limit_compliance]
+ALL = [*REWARD_FUNCS, word_limit_compliance]
 
 
 def words(n: int, word: str = "word") -> str:
@@ -40,16 +58,16 @@ STRICT_TEMPLATES = {"Answer in under {n} words.", "Answer with less than {n} wor
                     "Keep your answer under {n} words."}
 
 
-@pytest.mark.parametrize("template", data_prep.WORD_LIMIT_TEMPLATES)
+@pytest.mark.parametrize("template", WORD_LIMIT_TEMPLATES)
 @pytest.mark.parametrize("n", [2, 7, 20, 50, 75, 150, 1000])
 def test_every_data_prep_template_parses(template, n):
     instruction = template.format(n=n)
     expected = ("max", n - 1 if template in STRICT_TEMPLATES else n)
-    assert rewards.parse_word_limit(instruction) == expected
+    assert parse_word_limit(instruction) == expected
     # As data_prep appends it, after a prompt that has numbers of its own, and chat-rendered.
     for prompt in (f"List 3 uses of Python 2 and 3. {instruction}", f"Fix this:\n\nx = 5\n\n{instruction}"):
-        assert rewards.parse_word_limit(prompt) == expected
-        assert rewards.parse_word_limit(format_prompt(prompt)) == expected
+        assert parse_word_limit(prompt) == expected
+        assert parse_word_limit(format_prompt(prompt)) == expected
 
 
 def test_data_prep_rows_parse_to_their_word_limit():
@@ -59,8 +77,8 @@ def test_data_prep_rows_parse_to_their_word_limit():
     assert len(limited) == 100
     for r in rows:
         expected = ("max", r["word_limit"]) if r["word_limit"] else None
-        assert rewards.parse_word_limit(r["prompt"]) == expected, r["prompt"]
-        assert rewards.row_limit(r["prompt"], r["word_limit"]) == expected
+        assert parse_word_limit(r["prompt"]) == expected, r["prompt"]
+        assert row_limit(r["prompt"], r["word_limit"]) == expected
 
 
 TYPED = [
@@ -112,7 +130,7 @@ TYPED = [
 
 @pytest.mark.parametrize("text, expected", TYPED)
 def test_typed_phrasings(text, expected):
-    assert rewards.parse_word_limit(text) == expected
+    assert parse_word_limit(text) == expected
 
 
 @pytest.mark.parametrize("text", [
@@ -131,15 +149,15 @@ def test_typed_phrasings(text, expected):
     "Why is the sky blue?",
 ])
 def test_no_limit(text):
-    assert rewards.parse_word_limit(text) is None
+    assert parse_word_limit(text) is None
 
 
 def test_only_the_last_user_message_of_a_chat_prompt_counts():
     chat = (f"{USER}\nHow long is a tweet?{END}\n{ASSISTANT}\nUnder 50 words, usually.{END}\n"
             f"{USER}\nWhy?{END}\n{ASSISTANT}\n")
-    assert rewards.parse_word_limit(chat) is None
-    assert rewards.parse_word_limit(chat.replace("Why?", "Why? Answer in at most 9 words.")) == ("max", 9)
-    assert rewards.parse_word_limit([{"role": "user", "content": "Reply in 30 words or less"},
+    assert parse_word_limit(chat) is None
+    assert parse_word_limit(chat.replace("Why?", "Why? Answer in at most 9 words.")) == ("max", 9)
+    assert parse_word_limit([{"role": "user", "content": "Reply in 30 words or less"},
                                      {"role": "assistant", "content": "Over 100 words."}]) == ("max", 30)
 
 
@@ -147,9 +165,9 @@ def test_number_words():
     for text, n in [("one", 1), ("twelve", 12), ("twenty-five", 25), ("twenty five", 25), ("ninety-nine", 99),
                     ("one hundred", 100), ("a hundred", 100), ("two hundred and fifty", 250),
                     ("one thousand", 1000), ("1,500", 1500), ("42", 42)]:
-        assert rewards.words_to_number(text) == n
-        assert rewards.parse_word_limit(f"at most {text} words") == ("max", n)
-        assert rewards.parse_word_limit(f"under {text} words") == (("max", n - 1) if n > 1 else None)
+        assert words_to_number(text) == n
+        assert parse_word_limit(f"at most {text} words") == ("max", n)
+        assert parse_word_limit(f"under {text} words") == (("max", n - 1) if n > 1 else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,11 +184,11 @@ LIMITED = "Explain gravity in no more than 50 words."
 ])
 def test_word_limit_reward_max(n_words, expected):
     completion = words(n_words) + END
-    assert one(rewards.word_limit_reward, LIMITED, completion) == pytest.approx(expected)
+    assert one(word_limit_reward, LIMITED, completion) == pytest.approx(expected)
 
 
 def test_word_limit_reward_min_about_and_none():
-    f = rewards.word_limit_reward
+    f = word_limit_reward
     assert one(f, "Write at least 40 words.", words(40) + END) == 1.0
     assert one(f, "Write at least 40 words.", words(20) + END) == pytest.approx(0.0)
     assert one(f, "Write at least 40 words.", words(10) + END) == pytest.approx(-0.5)
@@ -183,7 +201,7 @@ def test_word_limit_reward_min_about_and_none():
 
 
 def test_word_limit_reward_empty_cut_off_and_column():
-    f = rewards.word_limit_reward
+    f = word_limit_reward
     assert one(f, LIMITED, END) == -1.0
     assert one(f, LIMITED, " \n\t" + END) == -1.0
     assert one(f, LIMITED, words(10)) == 0.0                      # cut off: length unknown, not rewarded
@@ -196,7 +214,7 @@ def test_word_limit_reward_empty_cut_off_and_column():
 
 
 def test_conciseness_reward():
-    f = rewards.conciseness_reward
+    f = conciseness_reward
     short, long = one(f, "Why?", words(20) + END), one(f, "Why?", words(120) + END)
     assert 1.0 > short > long > 0.0
     assert one(f, "Why?", words(400) + END) == 0.0
@@ -208,7 +226,7 @@ def test_conciseness_reward():
 
 
 def test_format_reward():
-    f = rewards.format_reward
+    f = format_reward
     good = "Paris is the capital of France." + END
     assert one(f, "Q", good) == 1.0
     assert one(f, "Q", "Paris is the capital of France.") == 0.0                  # never ended
@@ -232,14 +250,14 @@ def test_real_replies_are_not_repetitive():
     texts = [json.loads(line)["text"] for line in open(ROOT / "data" / "sample" / "oasst1_sample.jsonl")]
     replies = [t for t in texts if len(t) > 200]
     assert len(replies) > 20
-    assert rewards.format_reward(["Q"] * len(replies), [t + END for t in replies]) == [1.0] * len(replies)
+    assert format_reward(["Q"] * len(replies), [t + END for t in replies]) == [1.0] * len(replies)
 
 
 def test_word_limit_compliance():
     prompts = [LIMITED, LIMITED, "Why?", "at least 10 words", LIMITED]
     completions = [words(30), words(60) + END, words(30), words(12), ""]
-    assert rewards.word_limit_compliance(prompts, completions) == [1.0, 0.0, None, 1.0, 0.0]
-    assert rewards.word_limit_compliance(["Why?"], [words(30)], word_limit=[20]) == [0.0]
+    assert word_limit_compliance(prompts, completions) == [1.0, 0.0, None, 1.0, 0.0]
+    assert word_limit_compliance(["Why?"], [words(30)], word_limit=[20]) == [0.0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,12 +266,12 @@ def test_word_limit_compliance():
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
     """A small byte-level BPE tokenizer with the chat tokens, loaded as training loads it."""
-    import make_tiny_model
-    from common import load_chat_tokenizer
+    from phi2qlora.model import load_chat_tokenizer
+    from phi2qlora.tiny_tokenizer import train_tokenizer
 
     texts = [words(50), "Paris is the capital of France.", "Hello there, how are you?"] * 5
     path = tmp_path_factory.mktemp("tok")
-    make_tiny_model.train_tokenizer(texts, vocab_size=300).save_pretrained(path)
+    train_tokenizer(texts, vocab_size=300).save_pretrained(path)
     return load_chat_tokenizer(str(path))
 
 
@@ -265,7 +283,7 @@ def test_end_detected_from_completion_ids_as_trl_decodes(chat_tokenizer):
     assert all(END not in d and USER not in d for d in decoded)
     prompts = [format_prompt("What is the capital of France? Answer in under 10 words.")] * 3
 
-    funcs = rewards.make_reward_funcs(tok)
+    funcs = make_reward_funcs(tok)
     got = {f.func.__name__: f(prompts=prompts, completions=decoded, completion_ids=ids, word_limit=[None] * 3,
                                 trainer_state=None, log_extra=None, log_metric=None) for f in funcs}
     assert got["format_reward"] == [1.0, 0.0, 0.0]   # ended; cut off; ended but leaked <|user|>
@@ -275,29 +293,29 @@ def test_end_detected_from_completion_ids_as_trl_decodes(chat_tokenizer):
     # Unbound inside TRL: nothing can be seen to end, and it says so.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rewards._warned_unbound = False
-        assert rewards.format_reward(prompts, decoded, ids) == [0.0, 0.0, 0.0]
+        phi2qlora.rewards._warned_unbound = False
+        assert format_reward(prompts, decoded, ids) == [0.0, 0.0, 0.0]
     assert any("make_reward_funcs" in str(w.message) for w in caught)
 
 
 def test_make_reward_funcs_pairs_with_weights():
     from trl.trainer.utils import get_callable_name
 
-    funcs = rewards.make_reward_funcs(token_ids={USER: 7, ASSISTANT: 8, END: 9}, target_words=20)
+    funcs = make_reward_funcs(token_ids={USER: 7, ASSISTANT: 8, END: 9}, target_words=20)
     names = [get_callable_name(f) for f in funcs]
-    assert names == [f.__name__ for f in rewards.REWARD_FUNCS] == list(rewards.DEFAULT_WEIGHTS)
-    assert [rewards.DEFAULT_WEIGHTS[n] for n in names] == [1.0, 0.3, 0.5]
+    assert names == [f.__name__ for f in REWARD_FUNCS] == list(REWARD_WEIGHTS)
+    assert [REWARD_WEIGHTS[n] for n in names] == [1.0, 0.3, 0.5]
     concise, fmt = funcs[1], funcs[2]
     assert concise(["Q"], ["a b c d e f g h i j"], [[1, 2, 9]]) == [0.5]
     assert fmt(["Q"], ["a b c"], [[1, 8, 2, 9]]) == [0.0]        # ASSISTANT's id in the answer
     with pytest.raises(ValueError, match="tokenizer or token_ids"):
-        rewards.make_reward_funcs()
+        make_reward_funcs()
 
 
 # ---------------------------------------------------------------------------------------
 # Finite for any input
 # ---------------------------------------------------------------------------------------
-template_prompts = st.builds(lambda t, n, pre: pre + t.format(n=n), st.sampled_from(data_prep.WORD_LIMIT_TEMPLATES),
+template_prompts = st.builds(lambda t, n, pre: pre + t.format(n=n), st.sampled_from(WORD_LIMIT_TEMPLATES),
                              st.integers(-10, 10**12), st.text(max_size=50))
 prompts_st = st.one_of(st.none(), st.text(), template_prompts, st.sampled_from([t for t, _ in TYPED]),
                        st.integers(), st.binary(max_size=20), st.lists(st.text(max_size=5), max_size=3))
@@ -323,12 +341,12 @@ def test_every_reward_is_finite_for_any_input(rows, end_id):
     ids = [r[3] for r in rows]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for f in rewards.REWARD_FUNCS:
+        for f in REWARD_FUNCS:
             for extra in ({}, {"end_token_id": end_id}):
                 values = f(prompts, completions, ids, **kwargs, **extra)
                 assert len(values) == len(rows)
                 assert all(isinstance(v, float) and math.isfinite(v) and -1.0 <= v <= 1.0 for v in values)
-        compliance = rewards.word_limit_compliance(prompts, completions, word_limit=kwargs["word_limit"])
+        compliance = word_limit_compliance(prompts, completions, word_limit=kwargs["word_limit"])
         assert len(compliance) == len(rows) and all(v in (None, 0.0, 1.0) for v in compliance)
 
 
@@ -336,7 +354,7 @@ def test_every_reward_is_finite_for_any_input(rows, end_id):
 @given(text=st.one_of(st.text(), st.from_regex(r"(?i)(in |under |at least |about )?[\w -]{0,30} words?[\w ]{0,10}"),
                       template_prompts, st.none(), st.integers(), st.lists(st.text(max_size=4))))
 def test_parse_word_limit_never_raises(text):
-    result = rewards.parse_word_limit(text)
+    result = parse_word_limit(text)
     assert result is None or (result[0] in ("max", "min", "about") and isinstance(result[1], int) and result[1] >= 1)
 
 
@@ -348,9 +366,9 @@ def test_huge_and_odd_inputs():
         values = f(prompts, completions, None)
         assert len(values) == len(prompts)
         assert all(v is None or math.isfinite(v) for v in values)
-    assert rewards.word_limit_reward(prompts[:1], [huge]) == [-1.0]
-    assert rewards.format_reward(prompts[4:5], completions[4:5]) == [1.0]  # conversational rows work too
-    assert rewards.word_limit_reward(None, None) == []
+    assert word_limit_reward(prompts[:1], [huge]) == [-1.0]
+    assert format_reward(prompts[4:5], completions[4:5]) == [1.0]  # conversational rows work too
+    assert word_limit_reward(None, None) == []
 
 
 def test_constant_group_gives_finite_advantages():
@@ -358,7 +376,7 @@ def test_constant_group_gives_finite_advantages():
     import torch
     from trl.trainer.utils import nanstd
 
-    weights = torch.tensor(list(rewards.DEFAULT_WEIGHTS.values()))
+    weights = torch.tensor(list(REWARD_WEIGHTS.values()))
     groups = [
         (LIMITED, [words(30) + END] * 4),  # identical good answers
         (LIMITED, [""] * 4),               # identical empty answers
@@ -366,7 +384,7 @@ def test_constant_group_gives_finite_advantages():
         ("Why?", ["I am a bot. " * 500] * 4),
     ]
     for prompt, completions in groups:
-        per_func = torch.tensor([f([prompt] * 4, completions) for f in rewards.REWARD_FUNCS]).T
+        per_func = torch.tensor([f([prompt] * 4, completions) for f in REWARD_FUNCS]).T
         total = (per_func * weights).nansum(dim=1)
         grouped = total.view(-1, 4)
         advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
@@ -425,9 +443,9 @@ def test_cli_bad_line(tmp_path, line, message):
 
 def test_conciseness_gives_no_credit_below_a_real_answer():
     """One word and an end of turn must not be the best answer GRPO can find."""
-    n = rewards.CONCISENESS_MIN_WORDS
+    n = CONCISENESS_MIN_WORDS
     short, enough, longer = "word " * (n - 1), "word " * n, "word " * (3 * n)
-    scores = rewards.conciseness_reward(["Q"] * 3, [short, enough, longer], ended=[True] * 3)
+    scores = conciseness_reward(["Q"] * 3, [short, enough, longer], ended=[True] * 3)
     assert scores[0] == 0.0 and scores[1] > scores[2] > 0.0
 
 
@@ -479,7 +497,7 @@ OTHER_PHRASINGS = {
     "{n} words max": ("less than", 1),
     "Minimum {n} words.": ("at least", 0),
 }
-AGREEMENT_NS = sorted({*data_prep.WORD_LIMITS, 2, 7, 1000})
+AGREEMENT_NS = sorted({*WORD_LIMITS, 2, 7, 1000})
 
 
 def agreement(phrasings: dict) -> tuple[int, int]:
@@ -489,11 +507,11 @@ def agreement(phrasings: dict) -> tuple[int, int]:
     for template, (relation, d) in phrasings.items():
         for n in AGREEMENT_NS:
             prompt = f"Why is the sky blue? {template.format(n=n)}"
-            limit = rewards.parse_word_limit(prompt)
+            limit = parse_word_limit(prompt)
             for w in [None, *range(max(1, n - 2), n + 3)]:
                 answer = "" if w is None else words(w)
                 expected = float(ifeval_follows(answer, relation, n + d))
-                ours = rewards.word_limit_compliance([prompt, prompt], [answer, answer + END],
+                ours = word_limit_compliance([prompt, prompt], [answer, answer + END],
                                                      word_limit=[None, limit and limit[1]])
                 cases += 1
                 agree += ours == [expected, expected]
@@ -504,10 +522,9 @@ def test_project_phrasings_agree_with_ifeval():
     """Every phrasing data_prep.py writes (and so app.py's LIMIT_INSTRUCTION), read as IFEval
     reads it: 10 phrasings x 14 limits x 6 answers (5 for N = 2) = 830 cases, all agreeing
     (before the strict reading, "under / less than / fewer than N" took N words as obeyed)."""
-    import app
 
-    assert set(PROJECT_PHRASINGS) == set(data_prep.WORD_LIMIT_TEMPLATES)  # a new phrasing needs its entry here
-    assert app.LIMIT_INSTRUCTION in PROJECT_PHRASINGS
+    assert set(PROJECT_PHRASINGS) == set(WORD_LIMIT_TEMPLATES)  # a new phrasing needs its entry here
+    assert LIMIT_INSTRUCTION in PROJECT_PHRASINGS
     cases, agree = agreement(PROJECT_PHRASINGS)
     print(f"project phrasings: {agree} of {cases} cases agree with IFEval")
     assert (cases, agree) == (830, 830)
@@ -522,8 +539,8 @@ def test_other_phrasings_agree_with_ifeval():
 def test_the_one_difference_from_ifeval_is_an_answer_with_no_word():
     prompt = "Answer with less than 20 words."
     assert ifeval_follows("...", "less than", 20) and not ifeval_follows("  ", "less than", 20)
-    assert rewards.word_limit_compliance([prompt] * 2, ["...", "  "]) == [0.0, 0.0]
-    assert rewards.word_limit_compliance([prompt], ["Fine."]) == [1.0]
+    assert word_limit_compliance([prompt] * 2, ["...", "  "]) == [0.0, 0.0]
+    assert word_limit_compliance([prompt], ["Fine."]) == [1.0]
 
 
 def test_the_ifeval_mirror_matches_lm_eval_if_installed():

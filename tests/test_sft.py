@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sft_args, stop_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import common
 import sft_qlora
-from conftest import sft_args, stop_at
+from phi2qlora.chat import END, chat_token_ids, format_chat
+from phi2qlora.errors import InputError
+from phi2qlora.files import read_prompt_rows
+from phi2qlora.model import fix_lm_head_bias, load_adapter, load_base_model, load_chat_tokenizer
+from phi2qlora.training import latest_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +48,10 @@ def test_loss_falls(trained):
 def test_saved_adapter_reloads_with_the_same_logits(trained, tiny_model_dir, sample_data_dir):
     trainer, out = trained
     assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*model*.bin"))
-    tokenizer = common.load_chat_tokenizer(str(out))  # saved with the chat tokens
-    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
-    base = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
-    reloaded = common.load_adapter(base, str(out)).eval()
+    tokenizer = load_chat_tokenizer(str(out))  # saved with the chat tokens
+    batch = tokenizer([format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    base = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+    reloaded = load_adapter(base, str(out)).eval()
     model = trainer.model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
@@ -62,8 +66,8 @@ def test_embedding_not_resized_and_only_chat_rows_changed(trained, tiny_model_di
     trainer, _ = trained
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     rows = original.get_input_embeddings().weight.shape[0]
-    chat_ids = set(common.chat_token_ids(trainer.processing_class).values())
-    end_id = trainer.processing_class.convert_tokens_to_ids(common.END)
+    chat_ids = set(chat_token_ids(trainer.processing_class).values())
+    end_id = trainer.processing_class.convert_tokens_to_ids(END)
     embed, head = trainer.model.get_input_embeddings(), trainer.model.get_output_embeddings()
 
     for module, original_weight, trainable in [
@@ -79,18 +83,18 @@ def test_embedding_not_resized_and_only_chat_rows_changed(trained, tiny_model_di
 
 def test_lm_head_bias_kept_under_trainable_tokens(tiny_model_dir, sample_data_dir):
     """With the chat rows untouched, the PEFT-wrapped model must give the base model's
-    logits; PEFT 0.21 drops the lm_head bias there unless common.fix_lm_head_bias runs."""
+    logits; PEFT 0.21 drops the lm_head bias there unless fix_lm_head_bias runs."""
     from peft import get_peft_model
 
     model_args = sft_args(tiny_model_dir, sample_data_dir, "unused")[2]
-    tokenizer = common.load_chat_tokenizer(str(tiny_model_dir))
-    model = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
-    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
+    batch = tokenizer([format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).logits
     peft_model = get_peft_model(model, sft_qlora.lora_config(model_args, tokenizer)).eval()
-    assert common.fix_lm_head_bias(peft_model) == 1
-    assert common.fix_lm_head_bias(peft_model) == 0  # idempotent
+    assert fix_lm_head_bias(peft_model) == 1
+    assert fix_lm_head_bias(peft_model) == 0  # idempotent
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -107,7 +111,7 @@ def test_labels_cover_only_assistant_turns(trained, sample_data_dir):
             continue  # truncated: the last turn is cut
         labels = trainer.data_collator([example])["labels"][0]
         kept = [t for t, l in zip(example["input_ids"], labels.tolist()) if l != -100]
-        expected = "".join(m["content"] + common.END for m in messages if m["role"] == "assistant")
+        expected = "".join(m["content"] + END for m in messages if m["role"] == "assistant")
         assert tokenizer.decode(kept) == expected
         checked += 1
         if checked == 5:
@@ -123,7 +127,7 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_p
                    "--eval_strategy", "no", "--lora_dropout", "0.1"]
     straight = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "a", *common_args))
     sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args), callbacks=[stop_at(4)])
-    assert common.latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-4")
+    assert latest_complete_checkpoint(tmp_path / "b").endswith("checkpoint-4")
     assert not (tmp_path / "b" / "checkpoint-8").exists()
     resumed = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *common_args))
 
@@ -154,12 +158,12 @@ def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sa
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
 
-    tokenizer = common.load_chat_tokenizer(str(out))
-    batch = tokenizer([common.format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
-    plain = common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
-    model = common.load_adapter(common.load_base_model(str(tiny_model_dir), tokenizer, torch.float32),
+    tokenizer = load_chat_tokenizer(str(out))
+    batch = tokenizer([format_chat(first_conversation(sample_data_dir))], return_tensors="pt")
+    plain = load_base_model(str(tiny_model_dir), tokenizer, torch.float32).eval()
+    model = load_adapter(load_base_model(str(tiny_model_dir), tokenizer, torch.float32),
                                 str(out), adapter_name="sft")
-    model = common.load_adapter(model, str(other), adapter_name="other").eval()
+    model = load_adapter(model, str(other), adapter_name="other").eval()
     with torch.no_grad():
         expected_sft = trainer.model.eval()(**batch).logits
         model.set_adapter("sft")
@@ -172,8 +176,8 @@ def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sa
     torch.testing.assert_close(sft, expected_sft, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(base, expected_base, atol=1e-5, rtol=1e-5)
     assert (doubled - sft).abs().max() > 1e-3 and (sft - base).abs().max() > 1e-2
-    with pytest.raises(common.InputError, match="no adapter there"):
-        common.load_adapter(model, str(tmp_path / "missing"), adapter_name="x")
+    with pytest.raises(InputError, match="no adapter there"):
+        load_adapter(model, str(tmp_path / "missing"), adapter_name="x")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -181,12 +185,12 @@ def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sa
     ('{"messages": [{"role": "system", "content": "x"}]}', r"bad\.jsonl:2: each turn needs 'role'"),
     ('{"messages": [{"role": "user", "content": 5}]}', r"bad\.jsonl:2: each turn needs 'role'"),
     ('{"messages": [{"role": "user", "content": "only a question"}]}', r"bad\.jsonl:2: no assistant turn"),
-    ('{"messages": [', r"bad\.jsonl:2: not valid JSON"),
+    ('{"messages": [', r"bad\.jsonl:2: malformed JSON"),
 ])
 def test_bad_conversation_files_name_the_line(tmp_path, line, message):
     good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}'
     (tmp_path / "bad.jsonl").write_text(good + "\n" + line + "\n")
-    with pytest.raises(common.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         sft_qlora.load_conversations(str(tmp_path / "bad.jsonl"))
     (tmp_path / "good.jsonl").write_text((good + "\n") * 3)
     assert len(sft_qlora.load_conversations(str(tmp_path / "good.jsonl"), limit=2)) == 2
@@ -195,8 +199,8 @@ def test_bad_conversation_files_name_the_line(tmp_path, line, message):
 def test_chat_tokens_written_in_user_files_are_refused(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi <|user|> there"}, '
                                       '{"role": "assistant", "content": "Hello."}]}\n')
-    with pytest.raises(common.InputError, match=r"c\.jsonl:1: a turn holds '<\|user\|>'"):
+    with pytest.raises(InputError, match=r"c\.jsonl:1: a turn holds '<\|user\|>'"):
         sft_qlora.load_conversations(str(tmp_path / "c.jsonl"))
     (tmp_path / "p.jsonl").write_text('{"prompt": "Say <|end|> twice"}\n')
-    with pytest.raises(common.InputError, match=r"p\.jsonl:1: the prompt holds '<\|end\|>'"):
-        common.read_prompt_rows(tmp_path / "p.jsonl")
+    with pytest.raises(InputError, match=r"p\.jsonl:1: the prompt holds '<\|end\|>'"):
+        read_prompt_rows(tmp_path / "p.jsonl")

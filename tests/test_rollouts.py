@@ -1,4 +1,4 @@
-"""fast_rollouts.py against plain `generate` on the tiny 4-bit Phi with a trained adapter:
+"""rollouts.py against plain `generate` on the tiny 4-bit Phi with a trained adapter:
 the same tokens from the same policy, the policy of *this* step (after its weights change),
 the base with adapters disabled, Gumbel-max sampling's distribution, and GRPO using it."""
 
@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fast_rollouts as fr
-from common import format_prompt, load_adapter, load_base_model, load_chat_tokenizer
 from tiny_adapters import sft_adapter
+
+from phi2qlora import rollouts as fr
+from phi2qlora.chat import format_prompt
+from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
 
 PROMPTS = ["What is a black hole?", "Explain why the sky is blue in under 50 words.", "Hi",
            "Give me three tips for a job interview. Keep it within 40 words."]

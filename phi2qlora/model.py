@@ -1,0 +1,255 @@
+"""Phi-2 (or the tiny offline model) loaded as it trains: the compute dtype, the one NF4
+quantisation, the chat tokens' rows in the spare embedding rows, adapters on top, and the
+fixes this stack needs (each docstring says which library, which version, and why)."""
+
+from __future__ import annotations
+
+import os
+
+from phi2qlora.chat import CHAT_TEMPLATE, CHAT_TOKENS, END, PAD, chat_token_ids
+from phi2qlora.errors import InputError
+from phi2qlora.files import check_adapter_folder, check_model_source
+
+
+def pick_dtype(requested: str | None = "auto"):
+    """The compute dtype. `auto`: bf16 where the GPU computes it natively (compute
+    capability >= 8.0), fp16 on older GPUs such as the T4 (7.5), which reports bf16 as
+    "supported" but only emulates it, slowly; fp32 on the CPU."""
+    import torch
+
+    if requested not in (None, "auto"):
+        return getattr(torch, requested)
+    if not torch.cuda.is_available():
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability()
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
+    """The base tokenizer with the chat tokens added, END as EOS and PAD as pad."""
+    from transformers import AutoTokenizer
+
+    check_model_source(name_or_path, "tokenizer", marks=("tokenizer_config.json", "tokenizer.json"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except OSError as e:  # not on the Hub, not in the offline cache, a damaged folder
+        raise InputError(could_not_load(name_or_path, e)) from None
+    tokenizer.add_tokens(CHAT_TOKENS, special_tokens=True)
+    tokenizer.eos_token = END
+    tokenizer.pad_token = PAD
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def could_not_load(name: str, error: OSError) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = " (offline, HF_HUB_OFFLINE=1: a Hub model must already be in the cache)" \
+        if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return f"could not load {name!r}{offline}: {first[:200]}; give a local model folder or a Hub id such as microsoft/phi-2"
+
+
+
+def nf4_config(dtype, double_quant: bool = True):
+    """The project's one 4-bit quantisation: NF4 (the QLoRA paper's data type for normally
+    distributed weights), double quantisation of the scales (~0.4 bits a weight less: 0.4 GB
+    of a T4 for Phi-2), computing in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool = True,
+                    double_quant: bool = True, attn_implementation: str | None = "sdpa",
+                    revision: str = "main", cpu_packed_kernel: bool = False):
+    """The base model, in 4-bit NF4 by default, on this process's device, with rows
+    initialised for the chat tokens (see `init_chat_token_rows`).
+
+    Its 4-bit layers keep the layout they train in (`keep_4bit_trainable`), whatever runs
+    on them. `cpu_packed_kernel=True` is for a model that never trains (app.py's `nf4`
+    weights): on a CPU with AVX512-BF16, bitsandbytes then repacks each layer for its
+    bf16 inference kernel at the first eval-mode forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = f"cuda:{PartialState().local_process_index}"  # one full copy per process
+    else:
+        device = "cpu"
+    quantization_config = nf4_config(dtype, double_quant) if load_in_4bit else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            attn_implementation=attn_implementation,  # sdpa: fp16-safe attention on a T4
+            device_map={"": device},
+        )
+    except OSError as e:
+        raise InputError(could_not_load(name_or_path, e)) from None
+    use_fused_gelu(model)
+    if load_in_4bit and not cpu_packed_kernel:
+        keep_4bit_trainable(model)
+    if torch.cuda.is_available():
+        # cuDNN's sdpa kernels cost ~2 ms of host time a call and a new plan for each new
+        # sequence length (H100, torch 2.11): without them SFT ran 26% faster (PERFORMANCE.md).
+        # A T4 has no cuDNN attention; the flash / memory-efficient kernels remain.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    init_chat_token_rows(model, tokenizer)
+    return model
+
+
+def keep_4bit_trainable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer in the layout that trains, through any eval-mode
+    forward (previews, evaluation during training, GRPO's rollouts and reference passes).
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids and
+    newer), repacks a `Linear4bit`'s weight for its CPU inference kernel the first time the
+    layer runs in eval mode on an input that needs no grad, and keeps it packed
+    (`Linear4bit.forward`, `support_avx512bf16_for_cpu`). A later training forward then takes
+    `gemv_4bit`, which has no autograd: with a bias (every Phi-2 projection has one) it raises
+    "a view of a leaf Variable that requires grad is being used in an in-place operation" in
+    `matmul_4bit`; without one the input gets no gradient, silently. A preview at step 0 did
+    exactly that. Turning the flag off before the first forward keeps the trainable layout
+    (the packing is lossy to undo: it rounds the scales to bf16). CUDA is unaffected.
+    Returns how many layers were set."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+PHI2_HIDDEN_ACT = "gelu_pytorch_tanh"  # what use_fused_gelu gives Phi-2 (memory_plan.py reads it)
+
+
+def use_fused_gelu(model) -> int:
+    """Phi-2's `gelu_new` is a Python formula: ~8 kernels and ~7 saved tensors of the MLP
+    width a token in each layer. torch's gelu(approximate="tanh") is the same function in one
+    kernel (logits equal to 1e-5, tested): 10% faster SFT, and ~4 MB less a token without
+    gradient checkpointing (PERFORMANCE.md). Returns how many layers were changed."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "activation_fn", None), NewGELUActivation):
+            module.activation_fn = GELUTanh()
+            swapped += 1
+    if swapped:
+        model.config.hidden_act = PHI2_HIDDEN_ACT
+    return swapped
+
+
+def model_kwargs(model_args) -> dict:
+    """load_base_model's options from TRL's ModelConfig, as the recipes set them."""
+    return dict(load_in_4bit=model_args.load_in_4bit, double_quant=model_args.use_bnb_nested_quant,
+                attn_implementation=model_args.attn_implementation, revision=model_args.model_revision)
+
+
+def init_chat_token_rows(model, tokenizer) -> None:
+    """Give the chat tokens sensible rows in the existing embedding and lm_head: no resize.
+
+    Input rows start at the mean embedding (Hewitt's recipe for new tokens); END's output
+    row and bias start as a copy of <|endoftext|>'s, so the model ends a turn where it
+    would have ended a document. Deterministic in the base weights, so loading an adapter
+    later rebuilds exactly the base it was trained on."""
+    import torch
+
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = embed.weight.shape[0]
+    ids = chat_token_ids(tokenizer)
+    if len(tokenizer) > rows:
+        raise InputError(
+            f"the tokenizer has {len(tokenizer)} tokens with the chat tokens but the model's embedding "
+            f"has only {rows} rows; this project adds tokens only into spare rows (no resize)"
+        )
+    first_new = min(ids.values())
+    doc_end = tokenizer.get_vocab().get("<|endoftext|>")  # Phi-2's end of document
+    with torch.no_grad():
+        mean = embed.weight[:first_new].float().mean(0).to(embed.weight.dtype)
+        embed.weight[list(ids.values())] = mean
+        if doc_end is not None:
+            head.weight[ids[END]] = head.weight[doc_end]
+            if head.bias is not None:
+                head.bias[ids[END]] = head.bias[doc_end]
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = ids[END]
+        cfg.pad_token_id = ids[PAD]
+
+
+def fix_lm_head_bias(model) -> int:
+    """Give Phi-2's lm_head its bias back under PEFT's trainable-token wrapper (peft 0.21).
+
+    Two places drop it: the wrapper's forward computes `F.linear(x, W)`
+    with no bias, and the wrapper has no `bias` attribute, which TRL's fused loss reads
+    (`lm_head.weight`, `lm_head.bias`; `weight` already gives the merged rows). Each wrapper
+    is probed with a zero input, whose output must be the bias; only where it is missing is
+    a hook added, so a fixed PEFT is left alone. Returns how many wrappers were fixed."""
+    import torch
+
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return 0
+
+    def add_bias(layer, args, output):
+        if layer.disable_adapters or layer.merged or not layer.active_adapters:
+            return output  # the base layer ran, bias included
+        return output + layer.base_layer.bias.to(output.dtype)
+
+    fixed = 0
+    for wrapper in model.modules():
+        if not isinstance(wrapper, TrainableTokensWrapper):
+            continue
+        base, layer = wrapper.original_module, wrapper.token_adapter
+        if not isinstance(base, torch.nn.Linear) or base.bias is None or "bias" in wrapper.__dict__:
+            continue
+        object.__setattr__(wrapper, "bias", base.bias)  # an attribute, not a second registered parameter
+        with torch.no_grad():
+            probe = layer(torch.zeros(1, base.in_features, device=base.weight.device, dtype=base.weight.dtype))[0]
+        if torch.count_nonzero(base.bias) and not torch.count_nonzero(probe):
+            layer.register_forward_hook(add_bias)
+            fixed += 1
+    return fixed
+
+
+def upcast_trainable_params(model) -> None:
+    """TRL 1.16's SFTTrainer and GRPOTrainer cast a quantised model's trainable parameters to
+    bf16 when the trainer is built (`prepare_peft_model`, whatever the precision asked for);
+    with fp16 mixed precision, the T4's only choice, the first gradient
+    unscale then fails. Adapter weights in fp32 are what AMP expects under fp16 and bf16."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name: str = "default"):
+    """A saved adapter (LoRA + trainable chat-token rows) on top of `load_base_model`'s
+    model, or added beside the adapters of a PeftModel under another name (switch with
+    `set_adapter(name)`; `with model.disable_adapter():` gives the base). `trainable`
+    must be said: PEFT loads adapters frozen by default."""
+    from peft import PeftModel
+
+    check_adapter_folder(adapter_dir, flag="")
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+        peft_model = model
+    else:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name,
+                                               is_trainable=trainable)
+    fix_lm_head_bias(peft_model)
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------
+# Runs: checkpoints and curves.

@@ -1,0 +1,225 @@
+"""A training run: the output directory it claims, the checkpoints it can resume from,
+and the guard around `trainer.train()` (Ctrl-C and preemption, NaN and inf, out of
+memory), then its curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from phi2qlora.errors import InputError, RunFault
+from phi2qlora.files import atomic_path, check_writable, is_adapter_folder, write_atomic
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+COMPLETE_MARK = "checkpoint_complete"  # written by TrainingGuard after the Trainer has saved everything
+RUN_FILE = "run.json"  # what ran in an output directory, so a resume can't mix two runs
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike, verbose: bool = False) -> str | None:
+    """The highest-numbered `checkpoint-N` that was saved whole: it holds every file a
+    resume needs and TrainingGuard's mark, written after them. The Trainer writes in place
+    and transformers' get_last_checkpoint takes the highest number even if a kill -9 cut
+    its writing short."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.glob("checkpoint-*"):
+        step = d.name.split("-")[-1]
+        if not (d.is_dir() and step.isdigit()):
+            continue
+        missing = [f for f in (*CHECKPOINT_FILES, COMPLETE_MARK) if not (d / f).is_file()]
+        if missing:
+            if verbose:
+                print(f"[resume] skipping {d}: incomplete (no {', '.join(missing)}; interrupted while saving?)")
+            continue
+        found.append((int(step), d))
+    return str(max(found)[1]) if found else None
+
+
+def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> str | None:
+    """Check that `output_dir` is free or holds this same run, before any model is loaded,
+    and return the checkpoint to resume from (None: start fresh). `run` names what must not
+    change across a resume (script, model, adapter shape); it is written to run.json."""
+    root = Path(output_dir)
+    check_writable(root, "--output_dir")
+    saved = json.loads((root / RUN_FILE).read_text(encoding="utf-8")) if (root / RUN_FILE).is_file() else None
+    has_run = any(root.glob("checkpoint-*")) or is_adapter_folder(root)
+    if saved is None and has_run:
+        raise InputError(f"{root} holds checkpoints or an adapter of another run (no {RUN_FILE}); "
+                         "choose another --output_dir or remove that directory")
+    # A run that failed before its first checkpoint left only run.json: the corrected
+    # command may take the directory over.
+    if saved is not None and saved != run and has_run:
+        changed = ", ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now"
+                            for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k))
+        raise InputError(f"{root} holds another run ({changed}); choose another --output_dir or remove it")
+    if has_run and not resume:
+        raise InputError(f"{root} holds checkpoints of this run and --resume is false; to start over, "
+                         f"remove the directory first (rm -r {root}) or choose another --output_dir")
+    resume_from = latest_complete_checkpoint(root, verbose=True) if resume else None
+    if _is_main_process():
+        write_atomic(root / RUN_FILE, json.dumps(run, indent=1) + "\n")
+    return resume_from
+
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+
+def train_guarded(trainer, resume_from: str | None, memory_knobs: dict) -> None:
+    """`trainer.train()` for a run that may be interrupted or go wrong:
+
+    - Ctrl-C / SIGTERM (preemption): the current optimizer step finishes, a checkpoint is
+      saved, and the script exits with 130 / 143; a second Ctrl-C quits at once.
+    - a non-finite loss, gradient or weight stops the run with the step and likely causes;
+      nothing is saved after the fault, so the last checkpoint stays good.
+    - CUDA out of memory ends with the recipe values to lower (`memory_knobs`).
+    """
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != trainer.args.world_size:  # else each process would train alone, racing on the files
+        raise InputError(f"launched as {launched} processes but they did not connect (the Trainer sees "
+                         f"{trainer.args.world_size}); without GPUs, pass --use_cpu true to use gloo")
+    guard = TrainingGuard()
+    trainer.add_callback(guard)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        knobs = ", ".join(f"{k} (now {v})" for k, v in memory_knobs.items())
+        raise RunFault(f"out of GPU memory at step {trainer.state.global_step}. Lower, in this order: {knobs}. "
+                       "Halving per_device_train_batch_size and doubling gradient_accumulation_steps keeps "
+                       "the effective batch. Checkpoints written so far are intact: rerun to resume.") from None
+    finally:
+        guard.restore_signal_handlers()
+    if guard.signal is not None:
+        name = signal.Signals(guard.signal).name
+        where = latest_complete_checkpoint(trainer.args.output_dir)
+        print(f"[stop] {name}: stopped at step {trainer.state.global_step}, saved {where}. "
+              "Run the same command again to resume.", flush=True)
+        raise SystemExit(128 + guard.signal)
+
+
+class TrainingGuard(TrainerCallback):
+    """train_guarded's Trainer callback: signals, non-finite values, and the mark of a
+    complete checkpoint."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    # -- signals ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop now, without a checkpoint
+            self.restore_signal_handlers()
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[stop] got {signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(Ctrl-C again to quit at once, without one)", flush=True)
+
+    def restore_signal_handlers(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._check_weights(model, args, state)
+        if self._any_process_signalled():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def _any_process_signalled(self) -> bool:
+        """Every process must stop at the same step, or the others wait forever at the
+        next gradient sync; a signal can reach one process only."""
+        import torch
+        import torch.distributed as dist
+
+        stop = self.signal is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item())
+            if stop and self.signal is None:
+                self.signal = signal.SIGTERM  # another process was told
+        return stop
+
+    # -- numerical faults -------------------------------------------------------------
+    def _check_weights(self, model, args, state):
+        import torch
+
+        if model is None:
+            return
+        trainable = [p.detach() for p in model.parameters() if p.requires_grad]
+        if trainable and not torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all():
+            self._fault(args, state, "a trainable weight became NaN or inf in the last optimizer step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if key == "grad_norm" and args.fp16:
+                continue  # fp16's loss scaler skips overflowing steps itself, by design
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._fault(args, state, f"the logged {key} is {value}")
+
+    def _fault(self, args, state, what: str):
+        last = latest_complete_checkpoint(args.output_dir)
+        raise RunFault(
+            f"step {state.global_step}: {what}. Likely causes: fp16 overflow (on a T4: Phi-2's activations can "
+            "exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa attention) or a learning "
+            f"rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
+            f"{last or 'none'}: lower learning_rate and rerun to resume from it.")
+
+    # -- complete checkpoints ---------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_atomic(folder / COMPLETE_MARK, f"step {state.global_step}\n")
+
+
+def plot_history(log_history: list[dict], series: dict[str, str], path: str | os.PathLike, title: str) -> bool:
+    """Plot `{label: log key}` against the step from a Trainer's log history. Returns False
+    (and writes nothing) when none of the keys was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: a file, on a server or in CI
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for label, key in series.items():
+        points = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
+        if points:
+            curves[label] = points
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return True
