@@ -3,13 +3,16 @@
     python app.py                                 # Phi-2 + outputs/phi2-oasst1-qlora (+ -grpo), on 127.0.0.1:7860
     python app.py --base microsoft/phi-2 --sft outputs/phi2-oasst1-qlora --grpo outputs/phi2-oasst1-grpo
     python app.py --merged outputs/phi2-sft-merged outputs/phi2-grpo-merged   # export_model.py's folders
+    python app.py --gguf outputs/space/models      # GGUF files (export_model.py --gguf): llama.cpp, the fast CPU path
     python app.py --host 0.0.0.0                  # reachable from other machines: only when you mean it
     python app.py --share                         # a public gradio.live link: only when you mean it
 
 Adapters share one base in memory and take turns on it (`set_adapter`); the base answers
 with them switched off (`disable_adapter`). Merged exports are plain transformers models,
-each loaded whole. Answers are greedy (phi2qlora/answers.py, as in training
-previews), so a prompt gets the same answer every time.
+each loaded whole. GGUF files run on llama.cpp (phi2qlora/gguf.py); on a machine without a
+GPU, `python app.py` serves export_model.py's GGUF files when they are in their default
+folder. Answers are greedy (as in training previews), so a prompt gets the same answer
+every time, and they stream into their columns as the tokens come.
 
 From Python (a notebook):
 
@@ -36,13 +39,14 @@ from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import check_adapter_folder, is_adapter_folder
 from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, nf4_config, pick_dtype
-from phi2qlora.word_limits import LIMIT_INSTRUCTION, limit_verdict, with_instruction
+from phi2qlora.word_limits import LIMIT_INSTRUCTION, count_words, limit_verdict, with_instruction
 
 if TYPE_CHECKING:
     import gradio as gr
 
 DEFAULT_SFT = "outputs/phi2-oasst1-qlora"  # sft_qlora.py's default output_dir
 DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
+DEFAULT_GGUF = "outputs/phi2-oasst1-merged-gguf"  # export_model.py --gguf's
 MAX_WORD_LIMIT = 1000
 MIN_NEW_TOKENS = 8  # the slider's low end
 WEIGHTS = ("auto", "nf4", "dequantized", "full")  # see weights_for
@@ -57,6 +61,11 @@ class AppArguments:
         "help": f"GRPO adapter folder; default {DEFAULT_GRPO}, skipped with a note if it is not there"})
     merged: list[str] = field(default_factory=list, metadata={
         "help": "merged model folders (export_model.py), shown instead of adapters"})
+    gguf: list[str] = field(default_factory=list, metadata={
+        "help": "GGUF files, or folders of them (export_model.py --gguf), served by llama.cpp on the CPU: "
+                "the fast CPU path; shown instead of adapters"})
+    threads: int = field(default=0, metadata={"help": "llama.cpp's threads for --gguf (0: every core this process "
+                                                     "may use)"})
     show_base: bool = field(default=True, metadata={"help": "show the base model's answer too"})
     dtype: str = field(default="auto", metadata={"help": "auto: fp16 on a T4, bf16 on Ampere+, fp32 on the CPU"})
     weights: str = field(default="auto", metadata={
@@ -89,6 +98,19 @@ class Column:
     tokenizer: object
     adapter: str | None = None  # which adapter to switch on (BASE: none); None: the model as it is
     lock: threading.Lock = field(default_factory=threading.Lock)  # shared by columns on one model
+    engine: str = "transformers"  # or "llama.cpp": a GGUF model, `model` a llama_cpp.Llama
+
+    def stream(self, prompt: str, max_new_tokens: int):
+        """The answer as it grows: dicts of generate_answers' shape, the last one final."""
+        if self.engine == "llama.cpp":
+            from phi2qlora.gguf import stream_answer
+
+            with self.lock:
+                for text, _, ended in stream_answer(self.model, prompt, max_new_tokens):
+                    yield {"prompt": prompt, "answer": text, "words": count_words(text), "ended": ended}
+            return
+        with self.active() as model:
+            yield from stream_answers(model, self.tokenizer, prompt, max_new_tokens)
 
     @contextmanager
     def active(self):
@@ -116,9 +138,9 @@ def check_limits(args: AppArguments) -> None:
 def adapter_folders(args: AppArguments) -> dict[str, str]:
     """{'sft': folder, 'grpo': folder} to load. A folder named on the command line must hold
     an adapter; a default one that does not (not trained yet) is skipped with a note."""
-    if args.merged:
+    if args.merged or args.gguf:
         if args.sft or args.grpo:
-            raise InputError("give adapters (--sft/--grpo) or merged models (--merged), not both")
+            raise InputError("give adapters (--sft/--grpo) or exported models (--merged, --gguf), not both")
         return {}
     found = {}
     for name, given, default in (("sft", args.sft, DEFAULT_SFT), ("grpo", args.grpo, DEFAULT_GRPO)):
@@ -141,7 +163,7 @@ def weights_for(args: AppArguments, merged: bool) -> str:
     that model, quantisation error included, so by default the base is read through NF4; a
     merged export (export_model.py) already holds those values. On the CPU, NF4 products are
     slow (one Phi-2 MLP product for one token, 2 cores without AVX512-BF16: 5.7 ms in fp32,
-    78 ms in NF4, benchmarks/bench_cpu_4bit.py), so the values are unpacked to full precision
+    78 ms in NF4, benchmarks/bench_cpu_serving.py), so the values are unpacked to full precision
     there; on CUDA they stay packed (Phi-2 in about 2 GB). `nf4` on a CPU with AVX512-BF16 is
     bitsandbytes' packed bf16 kernel: faster than fp32, but not the arithmetic the adapters
     were checked in, so never the default."""
@@ -201,10 +223,13 @@ def load_merged(folder: str, dtype, weights: str):
 
 def load_columns(args: AppArguments) -> list[Column]:
     """Every model the page shows, loaded. Paths are checked before anything loads."""
+    check_limits(args)
+    use_cpu_fast_path(args)
+    adapters = adapter_folders(args)
+    if args.gguf:  # llama.cpp alone: no torch, as on the CPU Space
+        return gguf_columns(args)
     import torch
 
-    check_limits(args)
-    adapters = adapter_folders(args)
     dtype = pick_dtype(args.dtype)
     base_weights, merged_weights = weights_for(args, merged=False), weights_for(args, merged=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -233,6 +258,64 @@ def load_columns(args: AppArguments) -> list[Column]:
         columns.append(Column(f"merged{i}", f"Merged · {short(folder)}", model, tokenizer))
     print("[app] columns: " + ", ".join(c.label for c in columns))
     return columns
+
+
+def use_cpu_fast_path(args: AppArguments) -> None:
+    """On a machine without CUDA, with no model named and export_model.py's GGUF files in
+    their default folder, serve those: llama.cpp answers several times faster than the fp32
+    path (PERFORMANCE.md). `--weights` (or any model flag) keeps the exact fp32 path."""
+    named = args.sft or args.grpo or args.merged or args.gguf or args.weights != "auto"
+    if named or not Path(DEFAULT_GGUF).is_dir() or not any(Path(DEFAULT_GGUF).glob("*.gguf")):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"[app] no GPU: serving the GGUF exports in {DEFAULT_GGUF} with llama.cpp (the fast CPU path); "
+              "--weights dequantized gives the adapters on the fp32 base instead")
+        args.gguf = [DEFAULT_GGUF]
+
+
+def gguf_columns(args: AppArguments) -> list[Column]:
+    """One column per GGUF file, each on llama.cpp's CPU backend. Every file is checked
+    (there, and loadable) before the page starts."""
+    from phi2qlora.gguf import gguf_files, load
+
+    files = gguf_files(args.gguf)
+    columns = []
+    for i, path in enumerate(files):
+        llm = load(path, threads=args.threads or None)
+        columns.append(Column(f"gguf{i}", path.stem, llm, None, engine="llama.cpp"))
+        print(f"[app] {path.stem}: llama.cpp, {path.name} ({path.stat().st_size / 1e9:.2f} GB), "
+              f"{llm.context_params.n_threads} threads")
+    print("[app] columns: " + ", ".join(c.label for c in columns))
+    return columns
+
+
+def stream_answers(model, tokenizer, prompt: str, max_new_tokens: int):
+    """A transformers model's greedy answer as it grows (TextIteratorStreamer on a thread),
+    then generate_answers' final row for it."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    done = {}
+
+    def run():
+        try:
+            done["answer"] = generate_answers(model, tokenizer, [prompt], max_new_tokens, streamer=streamer)[0]
+        except BaseException as e:  # raised again below, in the request's thread
+            done["error"] = e
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield {"prompt": prompt, "answer": text.strip(), "words": count_words(text), "ended": False}
+    worker.join()
+    if "error" in done:
+        raise done["error"]
+    yield done["answer"]
 
 
 def short(name: str) -> str:
@@ -288,7 +371,6 @@ def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, ma
     """Yield the page's outputs (the prompt as sent, then answer and stats per column) as
     each model finishes. Errors become a message in the page, never a traceback."""
     import gradio as gr
-    import torch
 
     try:
         sent, tokens = full_prompt(prompt, word_limit, max_new_tokens, args)
@@ -298,13 +380,15 @@ def answer_all(columns: list[Column], args: AppArguments, prompt, word_limit, ma
     yield list(outputs)
     for i, column in enumerate(columns):
         try:
-            with column.active() as model:
-                answer = generate_answers(model, column.tokenizer, [sent], tokens)[0]
+            for answer in column.stream(sent, tokens):  # the text grows in its column as tokens come
+                outputs[1 + 2 * i] = answer["answer"]
+                yield list(outputs)
         except Exception as e:  # shown to the user in one line; the details go to the server's log
             traceback.print_exc()
-            hint = " Ask for fewer tokens." if isinstance(e, torch.OutOfMemoryError) else ""
+            memory = "torch" in sys.modules and isinstance(e, sys.modules["torch"].OutOfMemoryError)
+            hint = " Ask for fewer tokens." if memory else ""
             raise gr.Error(f"{column.label} failed ({type(e).__name__}: {str(e)[:300]}).{hint}") from None
-        outputs[1 + 2 * i: 3 + 2 * i] = [answer["answer"], stats_line(answer, sent, tokens)]
+        outputs[2 + 2 * i] = stats_line(answer, sent, tokens)
         yield list(outputs)
 
 
@@ -323,8 +407,10 @@ def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Bl
         prompt = gr.Textbox(label="Prompt", lines=3, max_length=args.max_prompt_chars, elem_id="prompt",
                             placeholder="Ask something...")
         with gr.Row(equal_height=True):
-            word_limit = gr.Number(label="Word limit (optional)", precision=0, minimum=1, maximum=MAX_WORD_LIMIT,
-                                   elem_id="word-limit", info="appended as: " + LIMIT_INSTRUCTION.format(n="N"))
+            # minimum 0: the browser sends an empty box as 0, which means no limit (full_prompt)
+            word_limit = gr.Number(label="Word limit (optional)", precision=0, minimum=0, maximum=MAX_WORD_LIMIT,
+                                   elem_id="word-limit",
+                                   info="appended as: " + LIMIT_INSTRUCTION.format(n="N") + " Empty: none")
             max_new_tokens = gr.Slider(MIN_NEW_TOKENS, args.max_new_tokens_cap, value=args.max_new_tokens, step=8,
                                        label="Max new tokens", elem_id="max-new-tokens")
             button = gr.Button("Generate", variant="primary", elem_id="generate")

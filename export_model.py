@@ -71,6 +71,14 @@ class ExportArguments:
         "help": "compare the export with base + adapter as trained: greedy answers and logits on the preview prompts"})
     check_max_new_tokens: int = field(default=64, metadata={"help": "length of each check answer"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export"})
+    gguf: str | None = field(default=None, metadata={
+        "help": "also write GGUF files for llama.cpp, Ollama and the CPU Space: q4_k_m, q8_0 or f16, "
+                "comma-separated (into <output_dir>-gguf/)"})
+    space: str | None = field(default=None, metadata={
+        "help": "add this model to a Hugging Face Space folder (created if missing): its GGUF (the first of --gguf; "
+                "q4_k_m if none is given), the page, requirements.txt, README.md"})
+    space_label: str | None = field(default=None, metadata={"help": "the model's column in the Space; default: the "
+                                                                    "adapter folder's name"})
 
 
 def device() -> str:
@@ -87,15 +95,42 @@ def check_args(args: ExportArguments) -> list[Path]:
         raise InputError(f"--merge_into {args.merge_into!r}: expected nf4 or original")
     if args.dtype not in DTYPES or args.train_dtype not in ("auto", *DTYPES):
         raise InputError(f"--dtype / --train_dtype: expected one of {', '.join(DTYPES)} (train_dtype also auto)")
+    if args.space and not args.gguf:
+        args.gguf = "q4_k_m"
+    kinds = gguf_kinds(args)
+    if kinds:
+        from phi2qlora.gguf import converter_dir
+
+        converter_dir()  # installed and unpacked, before an hour of merging
     targets = [Path(args.output_dir)]
     if args.quantize_4bit:
         targets.append(Path(args.quantized_output_dir or f"{args.output_dir.rstrip('/')}-4bit"))
+    if kinds:
+        targets.append(gguf_dir(args))
     for target in targets:
         if target.resolve() == Path(args.adapter).resolve():
             raise InputError(f"{target}: that is the adapter's folder; export somewhere else")
         if target.exists() and any(target.iterdir()) and not args.overwrite:
             raise InputError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
     return targets
+
+
+def gguf_kinds(args: ExportArguments) -> list[str]:
+    from phi2qlora.gguf import QUANTS
+
+    kinds = [k.strip().lower() for k in (args.gguf or "").split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in QUANTS]
+    if unknown:
+        raise InputError(f"--gguf {args.gguf}: unknown type {unknown[0]!r}; expected {', '.join(QUANTS)}")
+    return kinds
+
+
+def gguf_dir(args: ExportArguments) -> Path:
+    return Path(f"{args.output_dir.rstrip('/')}-gguf")
+
+
+def gguf_name(args: ExportArguments, kind: str) -> str:
+    return f"{args.space_label or Path(args.adapter).resolve().name}-{kind}.gguf"
 
 
 def load_tokenizer(args: ExportArguments):
@@ -164,8 +199,9 @@ def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
     }
 
 
-def check_exports(args: ExportArguments, tokenizer, folders: list[Path]) -> list[dict]:
-    """Each saved folder, loaded by plain transformers, against base + adapter as trained."""
+def check_exports(args: ExportArguments, tokenizer, folders: list[Path], gguf: Path | None = None) -> list[dict]:
+    """Each saved folder, loaded by plain transformers, against base + adapter as trained;
+    then each GGUF, loaded by llama.cpp, against the same."""
     from transformers import AutoModelForCausalLM
 
     reference = trained_model(args, tokenizer)
@@ -174,7 +210,63 @@ def check_exports(args: ExportArguments, tokenizer, folders: list[Path]) -> list
         model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device()}).eval()
         results.append(compare(model, reference, tokenizer, args.check_max_new_tokens))
         del model
+    if gguf is not None:
+        results.append(compare_ggufs(args, reference, tokenizer, gguf))
     return results
+
+
+def compare_ggufs(args: ExportArguments, reference, tokenizer, folder: Path) -> dict:
+    """Greedy answers to the preview prompts from each GGUF against base + adapter as trained.
+    Quantised answers drift from the trained model's; how far is measured on the tokens of
+    the answers (both read by this tokenizer): the same first token, and how many tokens
+    agree before the first difference."""
+    from phi2qlora.answers import generate_answers
+    from phi2qlora.chat import DEFAULT_PROMPTS
+    from phi2qlora.gguf import greedy_answers, load
+
+    n = args.check_max_new_tokens
+    theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, n)
+    results = {}
+    for kind in gguf_kinds(args):
+        ours = greedy_answers(load(folder / gguf_name(args, kind)), DEFAULT_PROMPTS, n)
+        results[kind] = agreement(ours, theirs, tokenizer)
+    return results
+
+
+def agreement(ours: list[dict], theirs: list[dict], tokenizer) -> dict:
+    same_prefix = []
+    for a, b in zip(ours, theirs):
+        x, y = (tokenizer(r["answer"], add_special_tokens=False)["input_ids"] for r in (a, b))
+        same_prefix.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))))
+    return {
+        "prompts": len(theirs),
+        "same_answers": sum(a["answer"] == b["answer"] for a, b in zip(ours, theirs)),
+        "same_first_token": sum(k > 0 for k in same_prefix),
+        "mean_tokens_before_a_difference": round(sum(same_prefix) / len(same_prefix), 2),
+        "answers": [a["answer"] for a in ours],
+    }
+
+
+def write_ggufs(args: ExportArguments, merged: Path, folder: Path, kinds: list[str]) -> None:
+    """llama.cpp's converter on the merged fp16 export, then its quantizer for each type."""
+    from phi2qlora.gguf import convert, quantize
+
+    folder.mkdir(parents=True)
+    f16 = folder / gguf_name(args, "f16")
+    print(f"[export] GGUF: llama.cpp's converter -> {f16.name}", flush=True)
+    convert(merged, f16)
+    for kind in kinds:
+        if kind != "f16":
+            print(f"[export] GGUF: llama.cpp's quantizer -> {gguf_name(args, kind)}", flush=True)
+            quantize(f16, folder / gguf_name(args, kind), kind)
+    if "f16" not in kinds:
+        f16.unlink()
+    # Ollama: `ollama create NAME -f Modelfile` in this folder. The template is the chat format
+    # (phi2qlora/chat.py), written out: the tokenizer's template marks the loss for TRL with
+    # {% generation %} tags, which Ollama's and llama.cpp's template engines need not know.
+    write_atomic(folder / "Modelfile", f"FROM ./{gguf_name(args, kinds[0])}\n"
+                 'TEMPLATE """<|user|>\n{{ .Prompt }}<|end|>\n<|assistant|>\n"""\n'
+                 'PARAMETER stop "<|end|>"\nPARAMETER temperature 0\n')
 
 
 def publish(tmp: Path, target: Path) -> None:
@@ -219,20 +311,37 @@ def main(args: ExportArguments) -> dict:
             save_model(model, tokenizer, tmps[1])
             del model
             free_memory()
-        checks = check_exports(args, tokenizer, tmps) if args.check else [None] * len(tmps)
+        kinds = gguf_kinds(args)
+        folders = tmps[:-1] if kinds else tmps
+        if kinds:
+            write_ggufs(args, tmps[0], tmps[-1], kinds)
+        checks = check_exports(args, tokenizer, folders, gguf=tmps[-1] if kinds else None) if args.check \
+            else [None] * len(tmps)
         infos = []
-        for tmp, check, kind in zip(tmps, checks, ["merged", "merged, 4-bit NF4"]):
+        labels = ["merged", "merged, 4-bit NF4"][: len(folders)] + (["GGUF (llama.cpp): " + ", ".join(kinds)]
+                                                                    if kinds else [])
+        for tmp, check, kind in zip(tmps, checks, labels):
             info = {"export": kind, **{k: v for k, v in asdict(args).items() if k not in ("check", "overwrite")},
                     "check": check}
             write_atomic(tmp / "export.json", json.dumps(info, indent=1) + "\n")
             infos.append(info)
         for tmp, target in zip(tmps, targets):
             publish(tmp, target)
+        if args.space:
+            from phi2qlora.space import add_to_space
+
+            add_to_space(Path(args.space), targets[-1] / gguf_name(args, kinds[0]))
     finally:
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
     for target, info in zip(targets, infos):
         check = info["check"]
+        if info["export"].startswith("GGUF"):
+            print(f"[export] {info['export']} in {target}" + "".join(
+                f"\n  {name}: {c['same_answers']}/{c['prompts']} greedy answers as base + adapter, first token the same "
+                f"for {c['same_first_token']}/{c['prompts']}, {c['mean_tokens_before_a_difference']:.1f} tokens on "
+                f"average before they differ" for name, c in (check or {}).items()))
+            continue
         print(f"[export] {info['export']} model in {target}" + (
             f": {check['same_greedy_answers']}/{check['prompts']} greedy answers as base + adapter, "
             f"logits within {check['max_logit_diff']:.2g} (largest {check['logit_scale']:.3g}), "

@@ -1,18 +1,23 @@
-"""How a 4-bit model answers on the CPU: bitsandbytes' packed kernel, its plain NF4 path,
-and the NF4 values unpacked to fp32, side by side in one run.
+"""How a model answers on a CPU, each serving path side by side in one run: llama.cpp on
+GGUF files (export_model.py --gguf), bitsandbytes' packed kernel, its plain NF4 path, and
+the NF4 values unpacked to fp32 (the baseline: app.py's CPU path for adapters).
 
-    python benchmarks/bench_cpu_4bit.py --model_dir outputs/tiny-phi
-    taskset -c 0,1 python benchmarks/bench_cpu_4bit.py --model_dir /tmp/phi2-shaped --runs 3
+    python benchmarks/bench_cpu_serving.py --model_dir outputs/tiny-phi
+    taskset -c 0,1 python benchmarks/bench_cpu_serving.py --model_dir /tmp/phi2-shaped --runs 3 \
+        --paths dequantized --gguf /tmp/phi2-gguf/phi2-shaped-q4_k_m.gguf /tmp/phi2-gguf/phi2-shaped-q8_0.gguf
 
-Each path loads in a process of its own (so peak RSS is its own) as app.py loads a base:
+Each path loads in a process of its own (so peak RSS is its own):
+- `gguf NAME`: the file on llama.cpp's CPU backend (llama-cpp-python), as the CPU Space
+  serves it (`phi2qlora.gguf.load`), every core this process may use;
 - `nf4 packed`: `load_base_model(..., cpu_packed_kernel=True)`; on a CPU with AVX512-BF16,
   bitsandbytes repacks each layer for its bf16 inference kernel at the first forward;
   elsewhere it is the same as `nf4`.
 - `nf4`: the layout training keeps (`keep_4bit_trainable`): dequantised at each use.
 - `dequantized`: loaded in NF4, then `model.dequantize()` to fp32 nn.Linear layers: the
   same values as `nf4`, app.py's CPU default.
-Greedy, batch 1, `--new_tokens` new tokens after one untimed call; median and range of
-`--runs`. Agreement is against `dequantized` (the values the adapters were trained on):
+Greedy, `--new_tokens` new tokens after one untimed call, at batch 1 (one request, as the
+page serves them) and `--batch` (transformers paths: that many prompts at once); median and
+range of `--runs`. Agreement is against `dequantized` (the values the adapters were trained on):
 how many runs' first token is the same, and how many tokens match before the first
 difference; `max |dlogit|` on the prompt. Also one 2560 x 10240 product for one token.
 Prints a table and writes results.json to --out.
@@ -32,11 +37,62 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PATHS = ("dequantized", "nf4", "nf4 packed")
+PATHS = ("dequantized", "nf4", "nf4 packed")  # and "gguf FILE" for each --gguf
 PROMPT = "Explain why the sky is blue in under 50 words."
 
 
-def child(path: str, model_dir: str, new_tokens: int, runs: int) -> dict:
+def gguf_child(path: str, new_tokens: int, runs: int) -> dict:
+    from phi2qlora.gguf import load, prompt_tokens
+
+    start = time.perf_counter()
+    llm = load(path.removeprefix("gguf "))
+    prompt = prompt_tokens(llm, PROMPT)
+    llm.eval(prompt)
+    load_s = time.perf_counter() - start
+    seconds, tokens = [], None
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            tokens.append(token)  # no stop at the end of turn: the same number of tokens each run
+            if len(tokens) == new_tokens:
+                break
+        if i:
+            seconds.append(time.perf_counter() - t)
+    return {"path": path, "avx512_bf16": None, "threads": llm.context_params.n_threads, "load_s": load_s,
+            "tok_s": [new_tokens / s for s in seconds], "tok_s_batch": None, "tokens": tokens, "prompt": prompt,
+            "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def page_child(paths: list[str], new_tokens: int, runs: int) -> dict:
+    """Every GGUF loaded in one process, as the CPU Space's page holds them: its peak RSS and
+    load time, and each model's speed with the others loaded."""
+    from phi2qlora.gguf import load, prompt_tokens
+
+    start = time.perf_counter()
+    llms = [load(p) for p in paths]
+    load_s = time.perf_counter() - start
+    speeds = []
+    for llm in llms:
+        prompt = prompt_tokens(llm, PROMPT)
+        seconds = []
+        for i in range(runs + 1):
+            t = time.perf_counter()
+            for n, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True), 1):
+                if n == new_tokens:
+                    break
+            if i:
+                seconds.append(time.perf_counter() - t)
+        speeds.append(statistics.median(new_tokens / s for s in seconds))
+    return {"path": "page: " + " + ".join(Path(p).name for p in paths), "load_s": load_s, "tok_s_each": speeds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def child(path: str, model_dir: str, new_tokens: int, runs: int, batch: int) -> dict:
+    if path.startswith("page "):
+        return page_child(path.removeprefix("page ").split("|"), new_tokens, runs)
+    if path.startswith("gguf "):
+        return gguf_child(path, new_tokens, runs)
     import torch
     from bitsandbytes.functional import has_avx512bf16
 
@@ -62,7 +118,15 @@ def child(path: str, model_dir: str, new_tokens: int, runs: int) -> dict:
             if i:  # the first call warms up
                 seconds.append(time.perf_counter() - t)
             tokens = out[0, enc["input_ids"].shape[1]:].tolist()
-    return {"path": path, "avx512_bf16": bool(has_avx512bf16()), "threads": torch.get_num_threads(),
+        batched = tokenizer([format_prompt(PROMPT)] * batch, return_tensors="pt", add_special_tokens=False)
+        batch_s = []
+        for _ in range(runs if batch > 1 else 0):
+            t = time.perf_counter()
+            model.generate(**batched, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+            batch_s.append(time.perf_counter() - t)
+    return {"prompt": enc["input_ids"][0].tolist(), "tok_s_batch": [batch * new_tokens / s for s in batch_s] or None,
+            "path": path, "avx512_bf16": bool(has_avx512bf16()), "threads": torch.get_num_threads(),
             "load_s": load_s, "tok_s": [new_tokens / s for s in seconds], "tokens": tokens, "last_logits": logits,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -111,36 +175,52 @@ def main():
     p.add_argument("--model_dir", required=True, help="a model folder: make_tiny_model.py's or make_phi2_shaped.py's")
     p.add_argument("--new_tokens", type=int, default=24)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4, help="the batched measurement's prompts (transformers paths)")
+    p.add_argument("--paths", nargs="*", default=list(PATHS), help=f"of {', '.join(PATHS)}")
+    p.add_argument("--gguf", nargs="*", default=[], help="GGUF files to serve with llama.cpp (export_model.py --gguf)")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs/bench-cpu"))
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        print(json.dumps(child(args._child, args.model_dir, args.new_tokens, args.runs)))
+        print(json.dumps(child(args._child, args.model_dir, args.new_tokens, args.runs, args.batch)))
         return
     results = {}
-    for path in PATHS:
+    pages = [f"page {'|'.join(args.gguf)}"] if len(args.gguf) > 1 else []
+    for path in [*args.paths, *(f"gguf {g}" for g in args.gguf), *pages]:
         run = subprocess.run([sys.executable, __file__, "--model_dir", args.model_dir, "--new_tokens",
-                              str(args.new_tokens), "--runs", str(args.runs), "--_child", path],
-                             capture_output=True, text=True)
+                              str(args.new_tokens), "--runs", str(args.runs), "--batch", str(args.batch),
+                              "--_child", path], capture_output=True, text=True)
         if run.returncode:
             sys.exit(f"{path}: failed\n{run.stderr[-3000:]}")
         results[path] = json.loads(run.stdout.strip().splitlines()[-1])
-    reference = results["dequantized"]
-    print(f"{args.model_dir}: batch 1, {args.new_tokens} new tokens, {args.runs} runs, "
-          f"{reference['threads']} threads, AVX512-BF16 {'yes' if reference['avx512_bf16'] else 'no'}")
-    print("| path | new tok/s (median, min-max) | peak RSS GiB | load s | tokens as dequantized | max abs dlogit |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    page = results.pop(pages[0], None) if pages else None
+    reference = results.get("dequantized") or next(iter(results.values()))
+    avx = next((r["avx512_bf16"] for r in results.values() if r["avx512_bf16"] is not None), None)
+    print(f"{args.model_dir}: greedy, {args.new_tokens} new tokens, {args.runs} runs, {reference['threads']} threads, "
+          f"AVX512-BF16 {'?' if avx is None else 'yes' if avx else 'no'}; agreement against {reference['path']}")
+    print(f"| path | batch 1 new tok/s (median, min-max) | batch {args.batch} new tok/s | peak RSS GiB | load s | "
+          "same prompt tokens | tokens as the reference | max abs dlogit |")
+    print("| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: |")
     for path, r in results.items():
         same = agreement(reference["tokens"], r["tokens"])
-        dlogit = max(abs(a - b) for a, b in zip(reference["last_logits"], r["last_logits"]))
+        dlogit = (max(abs(a - b) for a, b in zip(reference["last_logits"], r["last_logits"]))
+                  if r["last_logits"] and reference["last_logits"] else None)
         r.update(same_tokens=same, max_abs_dlogit=dlogit)
+        batched = f"{statistics.median(r['tok_s_batch']):.2f}" if r["tok_s_batch"] else "-"
         print(f"| {path} | {statistics.median(r['tok_s']):.2f} ({min(r['tok_s']):.2f}-{max(r['tok_s']):.2f}) | "
-              f"{r['peak_rss_gib']:.2f} | {r['load_s']:.1f} | {same}/{len(reference['tokens'])} | {dlogit:.2e} |")
-    products = product_ms()
+              f"{batched} | {r['peak_rss_gib']:.2f} | {r['load_s']:.1f} | "
+              f"{'yes' if r['prompt'] == reference['prompt'] else 'no'} | {same}/{len(reference['tokens'])} | "
+              f"{'-' if dlogit is None else f'{dlogit:.2e}'} |")
+    if page:
+        print(f"{page['path']}: in one process, loaded in {page['load_s']:.1f} s, peak RSS {page['peak_rss_gib']:.2f} "
+              "GiB, new tok/s each " + ", ".join(f"{s:.2f}" for s in page["tok_s_each"]))
+        results["page"] = page
+    products = product_ms() if any(not p.startswith(("gguf", "page")) for p in results) else {}
     print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for r in results.values():
-        r.pop("last_logits")
+        r.pop("last_logits", None)
+        r.pop("prompt", None)
     (Path(args.out) / "results.json").write_text(json.dumps({"paths": results, "product_ms": products}, indent=1))
 
 

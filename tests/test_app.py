@@ -113,7 +113,7 @@ def test_client_gets_each_models_greedy_answer_and_word_count(served, direct):
 @pytest.mark.parametrize("prompt, word_limit, tokens, message", [
     ("x" * 301, None, TOKENS, "The prompt is 301 characters long; this server takes at most 300"),
     ("   ", None, TOKENS, "Type a prompt first"),
-    (PROMPT, -3, TOKENS, "Value -3 is less than minimum value 1"),  # Gradio's own bound checks
+    (PROMPT, -3, TOKENS, "Value -3 is less than minimum value 0"),  # Gradio's own bound checks
     (PROMPT, 1001, TOKENS, "Value 1001 is greater than maximum value 1000"),
     (PROMPT, None, 65, "Value 65 is greater than maximum value 64"),
 ], ids=["prompt-over-cap", "empty-prompt", "negative-limit", "limit-too-big", "tokens-over-cap"])
@@ -268,3 +268,15 @@ def test_verdict_reads_strict_limits_as_ifeval_does():
     assert stats("Explain it. Use at most 50 words.", 50).endswith("obeys the limit (at most 50 words)")
     assert stats("Write more than 10 words.", 10).endswith("breaks the limit (at least 11 words)")
     assert "limit" not in stats("Explain it.", 10)
+
+
+def test_transformers_answers_stream_as_they_grow(tiny_model_dir, adapters, direct):
+    """A transformers column streams too (TextIteratorStreamer): growing text, then the
+    same final answer generate_answers gives."""
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    model = load_adapter(load_base_model(str(tiny_model_dir), tokenizer, torch.float32).dequantize(dtype=torch.float32),
+                         str(adapters["sft"])).eval()
+    steps = list(app.stream_answers(model, tokenizer, SENT, TOKENS))
+    assert steps[-1] == direct["sft"]
+    texts = [s["answer"] for s in steps[:-1] if s["answer"]]
+    assert len(texts) >= 3 and all(direct["sft"]["answer"].startswith(x) for x in texts)

@@ -1,8 +1,10 @@
 """Write constraints.txt: the exact version of every package a fresh CPU machine installs
-for requirements.txt, as pip resolves it today (its dependencies included).
+for requirements.txt and requirements-serve.txt, as pip resolves it today (their
+dependencies included).
 
     python tools/lock_requirements.py            # resolve again, rewrite constraints.txt
-    pip install torch==2.13.0 && pip install -r requirements.txt -c constraints.txt
+    python tools/lock_requirements.py --keep     # only pin what a requirements change adds
+    pip install torch==2.13.0 && pip install -r requirements.txt -r requirements-serve.txt -c constraints.txt
 
 requirements.txt keeps the ranges the code runs on (down to the GPU image's torch 2.11 and
 transformers 5.17, and whatever Colab has); constraints.txt pins the versions the test
@@ -25,22 +27,27 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # the CPU wheel README installs first; a bare `torch` would pull a CUDA build
 
 
-def resolve() -> dict[str, str]:
+def resolve(keep: bool = False) -> dict[str, str]:
+    """`keep`: within the current constraints.txt, so only what a requirements change adds
+    gets a new pin and every tested version stays."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-                        "--report", str(report), TORCH, "-r", str(ROOT / "requirements.txt")], check=True)
+                        "--report", str(report), TORCH, "-r", str(ROOT / "requirements.txt"),
+                        "-r", str(ROOT / "requirements-serve.txt"),
+                        *(["-c", str(ROOT / "constraints.txt")] if keep else [])], check=True)
         installs = json.loads(report.read_text())["install"]
     return {i["metadata"]["name"]: i["metadata"]["version"] for i in installs}
 
 
 def main() -> None:
-    pins = resolve()
+    pins = resolve(keep="--keep" in sys.argv[1:])
     header = [
-        "# Exact versions for requirements.txt, made by `python tools/lock_requirements.py`",
+        "# Exact versions for requirements.txt and requirements-serve.txt, made by `python tools/lock_requirements.py`",
         f"# on {datetime.date.today().isoformat()} for Python {platform.python_version()} on "
         f"{platform.system()} {platform.machine()}: not edited by hand.",
-        "# Install: pip install torch==2.13.0 && pip install -r requirements.txt -c constraints.txt",
+        "# Install: pip install torch==2.13.0 && pip install -r requirements.txt -r requirements-serve.txt "
+        "-c constraints.txt",
     ]
     lines = [f"{name}=={version}" for name, version in sorted(pins.items(), key=lambda kv: kv[0].lower())]
     (ROOT / "constraints.txt").write_text("\n".join(header + lines) + "\n", encoding="utf-8")

@@ -1,0 +1,197 @@
+"""GGUF: a merged model as llama.cpp (and Ollama, LM Studio) loads it, written by
+llama.cpp's own converter and quantizer, read back through llama-cpp-python to check it
+and to serve it on a CPU.
+
+llama-cpp-python's wheel has the engine and the quantizer (`llama_model_quantize`), not
+the converter; its source on the package index carries llama.cpp's `convert_hf_to_gguf.py`
+(with `conversion/` and `gguf-py/`) of the same llama.cpp commit. `tools/fetch_gguf_converter.py`
+unpacks those into CONVERTER_HOME once, for the installed llama-cpp-python version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from phi2qlora.chat import END, format_prompt
+from phi2qlora.errors import InputError
+from phi2qlora.word_limits import count_words
+
+# llama.cpp's file types (llama_ftype): Q4_K_M is what llama.cpp's and Ollama's users load by
+# default for a model of this size (4.9 bits a weight, the quality "sweet spot" of llama.cpp's
+# own tables); Q8_0 is near lossless at twice the size.
+QUANTS = {"q4_k_m": 15, "q8_0": 7, "f16": 1}
+CONVERTER_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2qlora"
+
+
+def llama_cpp_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("llama-cpp-python")
+    except Exception:
+        return None
+
+
+def converter_dir() -> Path:
+    """The unpacked converter for the installed llama-cpp-python, or a one-line error saying
+    how to get it."""
+    version = llama_cpp_version()
+    if version is None:
+        raise InputError("GGUF export needs llama-cpp-python: pip install -r requirements-gguf.txt (see README, "
+                         "\"Export\")")
+    folder = CONVERTER_HOME / f"llama-cpp-python-{version}"
+    if not (folder / "convert_hf_to_gguf.py").is_file():
+        raise InputError(f"llama.cpp's converter for llama-cpp-python {version} is not in {folder}: run "
+                         "python tools/fetch_gguf_converter.py (it unpacks it from the package's source)")
+    return folder
+
+
+def convert(model_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """`model_dir` (a merged export: safetensors, config, tokenizer) -> an f16 GGUF, through
+    llama.cpp's converter in a child process (its memory and logging stay there)."""
+    out_path = Path(out_path)
+    child = [sys.executable, "-m", "phi2qlora.gguf", str(converter_dir()), str(model_dir), str(out_path)]
+    done = subprocess.run(child, capture_output=True, text=True)
+    if done.returncode != 0 or not out_path.is_file():
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise InputError(f"llama.cpp's converter failed on {model_dir}: {last[:300]}")
+    return out_path
+
+
+def quantize(f16_path: str | os.PathLike, out_path: str | os.PathLike, kind: str, threads: int = 0) -> Path:
+    """llama.cpp's quantizer (the C function llama-quantize calls) from an f16 GGUF."""
+    import ctypes
+
+    import llama_cpp
+
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[kind]
+    params.nthread = threads
+    with suppress_stdout_stderr(disable=False):  # a line per tensor from the C library
+        status = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
+                                                ctypes.byref(params))
+    if status != 0:
+        raise InputError(f"llama.cpp could not quantize {f16_path} to {kind} (status {status})")
+    return Path(out_path)
+
+
+def gguf_files(paths: list[str]) -> list[Path]:
+    """GGUF files from files and folders of them (a folder: its *.gguf, by name)."""
+    files = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(path.glob("*.gguf"))
+            if not found:
+                raise InputError(f"--gguf {given}: no .gguf file in that folder; write one with export_model.py --gguf")
+            files += found
+        elif path.is_file() and path.suffix == ".gguf":
+            files.append(path)
+        else:
+            raise InputError(f"--gguf {given}: no such .gguf file or folder; write one with export_model.py --gguf")
+    return files
+
+
+def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, seed: int = 0):
+    """A GGUF on llama.cpp's CPU backend. `n_ctx` 0: the model's own context (2,048 for
+    Phi-2); `threads` defaults to the cores this process may use."""
+    from llama_cpp import Llama
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no GGUF model there; write one with export_model.py --gguf")
+    threads = threads or len(os.sched_getaffinity(0))
+    try:
+        # use_mmap=False: llama.cpp repacks Q4_K / Q8_0 weights for its CPU kernels; read from a
+        # memory map the file's pages stay resident beside the repacked copy (Phi-2 Q4_K_M, 2
+        # cores: peak RSS 3.0 GiB mapped, 2.0 GiB read, the same speed).
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
+                     n_gpu_layers=0, use_mmap=False, verbose=False)
+    except (ValueError, RuntimeError) as e:  # llama.cpp refuses a damaged or foreign file this way
+        raise InputError(f"{path}: llama.cpp cannot load it ({str(e)[:200]}); export it again") from None
+
+
+def prompt_tokens(llm, prompt: str) -> list[int]:
+    """The chat-formatted prompt as llama.cpp tokenizes it, the chat tokens as one token each."""
+    return llm.tokenize(format_prompt(prompt).encode("utf-8"), add_bos=False, special=True)
+
+
+def stream_answer(llm, prompt: str, max_new_tokens: int):
+    """Greedy new tokens for one prompt, yielded as (text so far, token ids so far, ended)."""
+    end_id = llm.tokenize(END.encode(), add_bos=False, special=True)[0]
+    ids, text = [], b""
+    tokens = prompt_tokens(llm, prompt)
+    llm.reset()
+    for token in llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        if token == end_id or token == llm.token_eos():
+            yield text.decode("utf-8", "replace").strip(), ids, True
+            return
+        ids.append(token)
+        text += llm.detokenize([token], special=False)
+        yield text.decode("utf-8", "replace").strip(), ids, False
+        if len(ids) >= max_new_tokens:
+            return
+
+
+def greedy_answers(llm, prompts: list[str], max_new_tokens: int = 128) -> list[dict]:
+    """answers.generate_answers' rows (`prompt`, `answer`, `words`, `ended`, plus `ids`),
+    from a GGUF model."""
+    rows = []
+    for prompt in prompts:
+        text, ids, ended = "", [], False
+        for text, ids, ended in stream_answer(llm, prompt, max_new_tokens):
+            pass
+        rows.append({"prompt": prompt, "answer": text, "words": count_words(text), "ended": ended, "ids": list(ids)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The converter's child process.
+# ---------------------------------------------------------------------------------------
+def _is_gpt2_byte_level(model_dir: Path) -> bool:
+    """Whether the tokenizer pre-tokenizes as GPT-2 (and Phi-2) do: byte-level with GPT-2's
+    regex, no prefix space. make_tiny_model.py's tokenizer is built that way."""
+    try:
+        pre = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+    except (OSError, KeyError, ValueError):
+        return False
+    return (pre or {}).get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+
+
+def _convert_in_child(converter: str, model_dir: str, out_path: str) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py on `model_dir`. Its pre-tokenizer check knows
+    tokenizers by a hash of one text's tokens: Phi-2's is known ("phi-2", GPT-2's rules), a
+    locally trained BPE with the same rules is not. For that one case the rules are read
+    from tokenizer.json and written as "gpt-2", which is what they are."""
+    sys.path[:0] = [converter, str(Path(converter) / "gguf-py")]
+    import convert_hf_to_gguf
+    from conversion import base
+
+    known = base.TextModel.get_vocab_base_pre
+
+    def pre_tokenizer(self, tokenizer):
+        quiet = logging.getLogger("hf-to-gguf")
+        level, quiet.level = quiet.level, logging.CRITICAL  # its banner is for a model it should know
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            if _is_gpt2_byte_level(Path(self.dir_model)):
+                return "gpt-2"
+            raise
+        finally:
+            quiet.level = level
+
+    base.TextModel.get_vocab_base_pre = pre_tokenizer
+    sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", out_path, "--outtype", "f16"]
+    convert_hf_to_gguf.main()
+
+
+if __name__ == "__main__":
+    _convert_in_child(*sys.argv[1:4])

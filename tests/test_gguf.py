@@ -1,0 +1,245 @@
+"""The CPU serving path with the real engine: the tiny SFT adapter exported to GGUF by
+llama.cpp's converter and quantizer, loaded by llama-cpp-python, and the Space folder
+started as a Space starts it (its own folder, only its requirements importable), queried
+through gradio_client and headless Chromium on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from tiny_adapters import sft_adapter
+
+pytest.importorskip("llama_cpp", reason="pip install -r requirements-serve.txt (README)")
+
+import export_model  # noqa: E402
+from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS, END, format_prompt  # noqa: E402
+from phi2qlora.gguf import CONVERTER_HOME, greedy_answers, llama_cpp_version, load  # noqa: E402
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, free_port, listening_addresses  # noqa: E402
+
+if not (CONVERTER_HOME / f"llama-cpp-python-{llama_cpp_version()}" / "convert_hf_to_gguf.py").is_file():
+    pytest.skip("llama.cpp's converter is not unpacked: python tools/fetch_gguf_converter.py (README)",
+                allow_module_level=True)
+
+TOKENS = 48
+# What the Space may import: its requirements (gradio, llama-cpp-python) and theirs, not the
+# training stack.
+TRAINING_STACK = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    """export_model.py --gguf q8_0,q4_k_m,f16 --space on the session's tiny SFT adapter."""
+    adapter = sft_adapter(tmp_path_factory, tiny_model_dir, sample_data_dir)
+    root = tmp_path_factory.mktemp("gguf")
+    args = export_model.parse_args(["--model_name_or_path", str(tiny_model_dir), "--adapter", str(adapter),
+                                    "--output_dir", str(root / "merged"), "--dtype", "float32",
+                                    "--gguf", "q8_0,q4_k_m,f16", "--space", str(root / "space"),
+                                    "--space_label", "sft", "--check_max_new_tokens", str(TOKENS)])
+    export_model.main(args)
+    return root
+
+
+def test_the_export_is_checked_and_its_agreement_stated(exported):
+    info = json.loads((exported / "merged-gguf" / "export.json").read_text())
+    checks = info["check"]
+    assert set(checks) == {"q8_0", "q4_k_m", "f16"}
+    for kind, c in checks.items():
+        assert c["prompts"] == len(DEFAULT_PROMPTS) and len(c["answers"]) == len(DEFAULT_PROMPTS)
+        assert 0 <= c["same_answers"] <= c["same_first_token"] <= c["prompts"], kind
+    # f16 of an fp32 merge is the trained model up to 16-bit rounding: the same greedy answers
+    # (seen: 4/4); Q8_0 starts the same (seen: every first token); Q4_K_M is stated, not bounded.
+    assert checks["f16"]["same_answers"] >= 3
+    modelfile = (exported / "merged-gguf" / "Modelfile").read_text()  # for Ollama users
+    assert modelfile.startswith("FROM ./sft-q8_0.gguf\n") and 'PARAMETER stop "<|end|>"' in modelfile
+    assert "TEMPLATE \"\"\"<|user|>\n{{ .Prompt }}<|end|>\n<|assistant|>\n\"\"\"" in modelfile
+    assert checks["q8_0"]["same_first_token"] >= 3
+    print({k: (c["same_answers"], c["same_first_token"], c["mean_tokens_before_a_difference"])
+           for k, c in checks.items()})
+
+
+def test_gguf_keeps_the_chat_format_and_answers_as_the_merged_model(exported):
+    """The f16 GGUF of an fp32 merge: the chat tokens are single tokens, END is llama.cpp's
+    end of generation, and its greedy answers (text and whether they ended) are the merged
+    model's own, run by plain transformers in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phi2qlora.answers import generate_answers
+
+    llm = load(exported / "merged-gguf" / "sft-f16.gguf")
+    for token in CHAT_TOKENS:
+        assert len(llm.tokenize(token.encode(), add_bos=False, special=True)) == 1, token
+    end_id = llm.tokenize(END.encode(), add_bos=False, special=True)[0]
+    assert llm.token_eos() == end_id  # llama.cpp's own generation loops stop there too
+    merged = AutoModelForCausalLM.from_pretrained(exported / "merged", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported / "merged")
+    expected = generate_answers(merged, tokenizer, DEFAULT_PROMPTS, 96)
+    got = greedy_answers(llm, DEFAULT_PROMPTS, 96)
+    assert [(g["answer"], g["ended"]) for g in got] == [(e["answer"], e["ended"]) for e in expected]
+    for g in got:  # the prompt as llama.cpp reads it is the prompt as the tokenizer reads it
+        assert llm.tokenize(format_prompt(g["prompt"]).encode(), add_bos=False, special=True) == \
+            tokenizer(format_prompt(g["prompt"]), add_special_tokens=False)["input_ids"]
+
+
+def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
+    """stream_answer on a stand-in engine that emits two tokens, END, then more."""
+    from phi2qlora.gguf import stream_answer
+
+    class Engine:
+        def tokenize(self, text, add_bos=False, special=True):
+            return [99] if text == END.encode() else [1, 2, 3]
+
+        def reset(self):
+            pass
+
+        def token_eos(self):
+            return 99
+
+        def generate(self, tokens, **kwargs):
+            yield from (10, 11, 99, 12)
+
+        def detokenize(self, ids, special=False):
+            return {10: b"Hello", 11: b" there"}[ids[0]]
+
+    *_, last = stream_answer(Engine(), "Hi", 16)
+    assert last == ("Hello there", [10, 11], True)
+    *_, cut = stream_answer(Engine(), "Hi", 1)
+    assert cut == ("Hello", [10], False)
+
+
+def space_process(space: Path, port: int) -> subprocess.Popen:
+    """`python app.py` in the Space folder, as a Space runs it, with the training stack made
+    unimportable and nothing of the project on the path but what the folder holds."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {TRAINING_STACK!r}:\n"
+        "            raise ImportError(f'{name} is not in the Space requirements')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['app.py']\n"
+        "import runpy; runpy.run_path('app.py', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    return subprocess.Popen([sys.executable, "-c", blocker], cwd=space, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def space(exported):
+    folder = exported / "space"
+    port = free_port()
+    proc = space_process(folder, port)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline and not listening_addresses(port):
+        if proc.poll() is not None:
+            pytest.fail(f"the Space exited: {proc.stdout.read()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield folder, port, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_space_folder_holds_what_a_space_needs(exported):
+    folder = exported / "space"
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    assert re.search(r"^sdk: gradio$", front, re.M) and re.search(r"^app_file: app\.py$", front, re.M)
+    assert re.search(r"^suggested_hardware: cpu-basic$", front, re.M)
+    requirements = [line for line in (folder / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith("#")]
+    assert sorted(r.split("==")[0] for r in requirements) == ["gradio", "llama-cpp-python"]
+    assert [p.name for p in (folder / "models").glob("*.gguf")] == ["sft-q8_0.gguf"]
+
+
+def test_space_answers_as_the_exported_model_and_checks_requests(exported, space):
+    folder, port, url = space
+    assert listening_addresses(port) == {"127.0.0.1"}
+    client = Client(url, verbose=False)
+    prompt, limit = "Explain why the sky is blue.", 20
+    sent, answer, stats = client.predict(prompt, limit, TOKENS, api_name="/generate")
+    expected = greedy_answers(load(folder / "models" / "sft-q8_0.gguf"), [f"{prompt} Use at most {limit} words."],
+                              TOKENS)[0]
+    assert sent == f"**Sent:** {prompt} Use at most {limit} words."
+    assert answer == expected["answer"]
+    assert f"{expected['words']} word" in stats and "the limit (at most 20 words)" in stats
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="this server takes at most 2,000"):
+        client.predict("x" * 2001, None, TOKENS, api_name="/generate")
+
+
+def test_space_in_a_browser_answers_in_its_column(space):
+    if not os.path.exists(CHROMIUM):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"no Chromium at {CHROMIUM}")
+    playwright = pytest.importorskip("playwright.sync_api")
+    folder, port, url = space
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.locator("#prompt textarea").fill("Give me three tips for a job interview.")
+            page.locator("#generate").click()
+            page.wait_for_function("document.querySelector('#stats-gguf0')?.innerText.includes('word')",
+                                   timeout=60_000)
+            shown = page.locator("#answer-gguf0 textarea").input_value()
+        finally:
+            browser.close()
+    expected = greedy_answers(load(folder / "models" / "sft-q8_0.gguf"), ["Give me three tips for a job interview."],
+                              160)[0]
+    assert shown == expected["answer"]
+
+
+def test_a_bad_model_file_in_the_space_is_one_line(exported, tmp_path):
+    import shutil
+
+    folder = tmp_path / "space"
+    shutil.copytree(exported / "space", folder)
+    (folder / "models" / "sft-q8_0.gguf").write_bytes(b"not a model")
+    proc = space_process(folder, free_port())
+    out, _ = proc.communicate(timeout=120)
+    lines = [line for line in out.strip().splitlines() if line]
+    assert proc.returncode == 2, out
+    assert re.fullmatch(r"app: error: .*sft-q8_0\.gguf: llama\.cpp cannot load it .*; export it again", lines[-1])
+    assert "Traceback" not in out
+
+
+def test_app_on_a_cpu_takes_the_gguf_exports_unless_told(tmp_path, monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "DEFAULT_GGUF", str(tmp_path))
+    args = app.parse_args([])
+    app.use_cpu_fast_path(args)
+    assert args.gguf == []  # no GGUF there yet: the adapters, as before
+    (tmp_path / "m-q4_k_m.gguf").write_bytes(b"")
+    app.use_cpu_fast_path(args)
+    assert args.gguf == [str(tmp_path)]
+    exact = app.parse_args(["--weights", "dequantized"])
+    app.use_cpu_fast_path(exact)
+    assert exact.gguf == []  # --weights: the exact fp32 path, for checks
+
+
+def test_answers_stream_into_their_columns(exported):
+    """app.answer_all yields each column's text as it grows (a prefix of the final answer,
+    longer each time), then its stats line."""
+    import app
+
+    args = app.parse_args(["--gguf", str(exported / "merged-gguf" / "sft-q8_0.gguf")])
+    columns = app.load_columns(args)
+    updates = [out[1] for out in app.answer_all(columns, args, "Give me three tips for a job interview.", None, 32)]
+    final = updates[-1]
+    growing = [u for u in updates if u]
+    assert len(set(growing)) >= 5 and all(final.startswith(u) for u in growing)
+    assert final == greedy_answers(columns[0].model, ["Give me three tips for a job interview."], 32)[0]["answer"]
