@@ -10,11 +10,12 @@ a table of each reward, the weighted total and the word-limit compliance per row
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from phi2qlora.args import one_line_errors
+from phi2qlora.args import parse_script_args
 from phi2qlora.chat import answer_text, user_message
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import check_writable, read_jsonl_rows, write_jsonl_atomic
@@ -104,17 +105,29 @@ def format_table(scored: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class RewardsArguments:
+    """Score prompt/completion pairs with the GRPO rewards. Each line: {"prompt": str,
+    "completion": str, "ended": bool (default true), "word_limit": int (optional)}; the
+    prompt may be the user's message or the chat-rendered prompt."""
+
+    pairs: str | None = field(default=None, metadata={"help": "JSONL file of prompt/completion pairs (or the first "
+                                                              "argument: python rewards.py pairs.jsonl)"})
+    out: str | None = field(default=None, metadata={"help": "also write the scored rows here (JSONL)"})
+
+
+def parse_args(argv: list[str] | None = None) -> RewardsArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--pairs", *argv]  # the file as the first argument, as the usage line has it
+    args = parse_script_args(RewardsArguments, argv)
+    if not args.pairs:
+        raise InputError("which pairs? python rewards.py pairs.jsonl (--help lists the options)")
+    return args
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        prog="rewards",
-        description="Score prompt/completion pairs with the GRPO rewards. Each line: {\"prompt\": str, "
-        "\"completion\": str, \"ended\": bool (default true), \"word_limit\": int (optional)}; the prompt may be "
-        "the user's message or the chat-rendered prompt.",
-    )
-    parser.add_argument("pairs", help="JSONL file of prompt/completion pairs")
-    parser.add_argument("--out", help="also write the scored rows here (JSONL)")
-    one_line_errors(parser, "--help lists the options")  # as every other mistake gets, not argparse's usage block
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.out and Path(args.out).resolve() == Path(args.pairs).resolve():
         raise InputError(f"{args.out}: --out is the input file; pick another path")
     if args.out and Path(args.out).is_dir():

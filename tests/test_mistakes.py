@@ -91,7 +91,7 @@ def test_write_atomic_turns_the_os_refusal_into_one_line(tmp_path):
     ("data_prep.py", ["--eval_fractoin", "0.1"], r"unknown option --eval_fractoin; did you mean --eval_fraction\?"),
     ("app.py", ["--sharee"], r"unknown option --sharee; did you mean --share\?"),
     ("memory_plan.py", ["--learning_rat", "1"], r"unknown option --learning_rat; did you mean --learning_rate\?"),
-    ("rewards.py", [], r"the following arguments are required: pairs"),
+    ("rewards.py", [], r"which pairs\? python rewards\.py pairs\.jsonl"),
 ])
 def test_an_unknown_or_missing_flag(script, argv, pattern):
     one_line_error(cli(script, *argv), pattern)
