@@ -1,7 +1,7 @@
 """The CPU serving path with the real engine: the tiny SFT adapter exported to GGUF by
 llama.cpp's converter and quantizer, loaded by llama-cpp-python, and the Space folder
-started as a Space starts it (its own folder, only its requirements importable), queried
-through gradio_client and headless Chromium on 127.0.0.1."""
+started as a Space starts it (from its own folder, in a Python holding only its
+requirements), queried through gradio_client and headless Chromium on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ if not (CONVERTER_HOME / f"llama-cpp-python-{llama_cpp_version()}" / "convert_hf
                 allow_module_level=True)
 
 TOKENS = 48
-# What the Space may import: its requirements (gradio, llama-cpp-python) and theirs, not the
-# training stack.
 TRAINING_STACK = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
@@ -115,29 +113,63 @@ def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
     assert cut == ("Hello", [10], False)
 
 
-def space_process(space: Path, port: int) -> subprocess.Popen:
-    """`python app.py` in the Space folder, as a Space runs it, with the training stack made
-    unimportable and nothing of the project on the path but what the folder holds."""
-    blocker = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {TRAINING_STACK!r}:\n"
-        "            raise ImportError(f'{name} is not in the Space requirements')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "sys.argv = ['app.py']\n"
-        "import runpy; runpy.run_path('app.py', run_name='__main__')\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
-    return subprocess.Popen([sys.executable, "-c", blocker], cwd=space, env=env, stdout=subprocess.PIPE,
+def requirement_closure(requirements: list[str]) -> dict:
+    """The installed distributions `requirements` need, theirs included (extras left out)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found, todo = {}, list(requirements)
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if canonicalize_name(req.name) in found:
+            continue
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:  # an optional dependency not installed here
+            continue
+        found[canonicalize_name(req.name)] = dist
+        todo += dist.requires or []
+    return found
+
+
+@pytest.fixture(scope="module")
+def space_python(tmp_path_factory, exported):
+    """A Python with nothing installed but the Space's requirements.txt and what they depend
+    on: a venv without site packages, and a folder of links to those distributions only
+    (installing them afresh would need the network, which tests do not use)."""
+    root = tmp_path_factory.mktemp("space-env")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    site = root / "site"
+    site.mkdir()
+    lines = (exported / "space" / "requirements.txt").read_text().splitlines()
+    for dist in requirement_closure([line for line in lines if line and not line.startswith("#")]).values():
+        for top in {Path(str(f)).parts[0] for f in dist.files or []}:
+            source = Path(dist.locate_file(top))
+            if top not in ("..", "__pycache__") and source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    return root / "venv" / "bin" / "python", site
+
+
+def space_process(space: Path, port: int, python) -> subprocess.Popen:
+    """`python app.py` in the Space folder, as a Space runs it: from its own folder, in an
+    environment that holds only the Space's requirements."""
+    interpreter, site = python
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONPATH=str(site), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False")
+    return subprocess.Popen([str(interpreter), "-s", "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
-def space(exported):
+def space(exported, space_python):
     folder = exported / "space"
     port = free_port()
-    proc = space_process(folder, port)
+    proc = space_process(folder, port, space_python)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline and not listening_addresses(port):
@@ -160,6 +192,7 @@ def test_space_folder_holds_what_a_space_needs(exported):
     requirements = [line for line in (folder / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#")]
     assert sorted(r.split("==")[0] for r in requirements) == ["gradio", "llama-cpp-python"]
+    assert not set(requirement_closure(requirements)) & set(TRAINING_STACK)  # no torch, no transformers
     assert [p.name for p in (folder / "models").glob("*.gguf")] == ["sft-q8_0.gguf"]
 
 
@@ -202,13 +235,13 @@ def test_space_in_a_browser_answers_in_its_column(space):
     assert shown == expected["answer"]
 
 
-def test_a_bad_model_file_in_the_space_is_one_line(exported, tmp_path):
+def test_a_bad_model_file_in_the_space_is_one_line(exported, space_python, tmp_path):
     import shutil
 
     folder = tmp_path / "space"
     shutil.copytree(exported / "space", folder)
     (folder / "models" / "sft-q8_0.gguf").write_bytes(b"not a model")
-    proc = space_process(folder, free_port())
+    proc = space_process(folder, free_port(), space_python)
     out, _ = proc.communicate(timeout=120)
     lines = [line for line in out.strip().splitlines() if line]
     assert proc.returncode == 2, out
