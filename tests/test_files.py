@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from phi2qlora.errors import InputError
-from phi2qlora.files import _umask, read_prompt_rows, write_jsonl_atomic
+from phi2qlora.files import _umask, read_jsonl_rows, read_prompt_rows, write_jsonl_atomic
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -65,3 +65,39 @@ def test_prompt_rows_missing_or_not_utf8(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(InputError, match="not UTF-8"):
         read_prompt_rows(tmp_path / "latin.jsonl")
+
+
+DEEP, HUGE_INT = "[" * 5000 + "]" * 5000, "1" + "0" * 5000
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"message_id": "a", "text": "unterminated}\n', r"malformed JSON \(Unterminated string starting at column 29\)"),
+    (DEEP.encode() + b"\n", "JSON nested too deeply to read"),
+    (b'{"n": ' + HUGE_INT.encode() + b"}\n", "a number too long to read"),
+    (b'{"prompt": "half a character \\ud800"}\n', "field 'prompt' holds an unpaired surrogate escape"),
+    (b'{"ok": "caf\xe9"}\n', r"not UTF-8 text \(byte 12 of the line\)"),
+    (b"[1, 2]\n", "expected a JSON object, got list"),
+], ids=["malformed", "deep", "huge-int", "surrogate", "bad-byte", "not-an-object"])
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_the_jsonl_reader_names_the_bad_line(tmp_path, raw, message, gz):
+    """The one reader of data_prep, the SFT and GRPO files, prompt files and the rewards CLI:
+    every way a line can be unreadable is named with its file and line (here line 3, after a
+    byte-order mark and a blank line), .gz or not."""
+    import gzip
+
+    content = b"\xef\xbb\xbf" + b'{"fine": 1}\n\n' + raw
+    path = tmp_path / ("in.jsonl.gz" if gz else "in.jsonl")
+    path.write_bytes(gzip.compress(content) if gz else content)
+    rows = read_jsonl_rows(path, "data file")
+    assert next(rows) == (1, {"fine": 1})
+    with pytest.raises(InputError, match=rf"in\.jsonl(\.gz)?:3: {message}"):
+        next(rows)
+
+
+def test_a_damaged_gzip_is_one_line(tmp_path):
+    import gzip
+
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:-40])
+    with pytest.raises(InputError, match=r"in\.jsonl\.gz: cannot read it"):
+        list(read_jsonl_rows(path, "data file"))

@@ -883,18 +883,6 @@ def test_found_rewards_spelled_out_huge_limit(prompt):
     assert word_limit_reward(["x"], ["hi there"], word_limit=[Fraction(10**400)], ended=[True]) == [0.0]
 
 
-@pytest.mark.parametrize("line, problem", [
-    (DEEP, "JSON nested too deeply to read"),
-    ('{"prompt": "hi", "completion": "x", "word_limit": ' + HUGE_INT + "}", "a number too long to read"),
-    ('{"prompt": "hi", "completion": ' + SURROGATE + "}", "field 'completion' holds an unpaired surrogate"),
-], ids=["deep", "huge_int", "surrogate"])
-def test_found_rewards_cli_odd_json_is_a_clear_error(tmp_path, line, problem):
-    src = tmp_path / "pairs.jsonl"
-    src.write_text('{"prompt": "hi", "completion": "x"}\n' * 30 + line + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=rf"pairs\.jsonl:31: {problem}"):
-        quietly(rewards.main, [str(src)])
-
-
 def test_found_rewards_cli_names_the_line_with_a_bad_byte_and_out_dir(tmp_path):
     src = tmp_path / "pairs.jsonl"
     src.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "hi", "completion": "x"}\n' * 39 + b'{"prompt": "\xff"}\n')
