@@ -176,8 +176,9 @@ def save_model(model, tokenizer, folder: Path) -> None:
         os.chmod(path, mode)
 
 
-def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
-    """Greedy answers to the preview prompts and logits on them: the export vs base + adapter."""
+def compare(model, reference, tokenizer, max_new_tokens: int, theirs: list[dict]) -> dict:
+    """Greedy answers to the preview prompts and logits on them: the export vs base + adapter
+    (`theirs`: base + adapter's answers)."""
     import torch
 
     from phi2qlora.answers import generate_answers
@@ -189,7 +190,6 @@ def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
     with torch.no_grad():
         got, expected = model(**batch).logits.float()[mask], reference(**batch).logits.float()[mask]
     ours = generate_answers(model, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
-    theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, max_new_tokens)
     return {
         "prompts": len(DEFAULT_PROMPTS),
         "same_greedy_answers": sum(a["answer"] == b["answer"] for a, b in zip(ours, theirs)),
@@ -201,34 +201,36 @@ def compare(model, reference, tokenizer, max_new_tokens: int) -> dict:
 
 def check_exports(args: ExportArguments, tokenizer, folders: list[Path], gguf: Path | None = None) -> list[dict]:
     """Each saved folder, loaded by plain transformers, against base + adapter as trained;
-    then each GGUF, loaded by llama.cpp, against the same."""
+    then each GGUF, loaded by llama.cpp, against the same. The trained model answers once."""
     from transformers import AutoModelForCausalLM
 
+    from phi2qlora.answers import generate_answers
+    from phi2qlora.chat import DEFAULT_PROMPTS
+
     reference = trained_model(args, tokenizer)
+    theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, args.check_max_new_tokens)
     results = []
     for folder in folders:
         model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": device()}).eval()
-        results.append(compare(model, reference, tokenizer, args.check_max_new_tokens))
+        results.append(compare(model, reference, tokenizer, args.check_max_new_tokens, theirs))
         del model
     if gguf is not None:
-        results.append(compare_ggufs(args, reference, tokenizer, gguf))
+        results.append(compare_ggufs(args, tokenizer, gguf, theirs))
     return results
 
 
-def compare_ggufs(args: ExportArguments, reference, tokenizer, folder: Path) -> dict:
-    """Greedy answers to the preview prompts from each GGUF against base + adapter as trained.
+def compare_ggufs(args: ExportArguments, tokenizer, folder: Path, theirs: list[dict]) -> dict:
+    """Greedy answers to the preview prompts from each GGUF against base + adapter as trained
+    (`theirs`).
     Quantised answers drift from the trained model's; how far is measured on the tokens of
     the answers (both read by this tokenizer): the same first token, and how many tokens
     agree before the first difference."""
-    from phi2qlora.answers import generate_answers
     from phi2qlora.chat import DEFAULT_PROMPTS
     from phi2qlora.gguf import greedy_answers, load
 
-    n = args.check_max_new_tokens
-    theirs = generate_answers(reference, tokenizer, DEFAULT_PROMPTS, n)
     results = {}
     for kind in gguf_kinds(args):
-        ours = greedy_answers(load(folder / gguf_name(args, kind)), DEFAULT_PROMPTS, n)
+        ours = greedy_answers(load(folder / gguf_name(args, kind)), DEFAULT_PROMPTS, args.check_max_new_tokens)
         results[kind] = agreement(ours, theirs, tokenizer)
     return results
 
