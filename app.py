@@ -106,8 +106,7 @@ class Column:
             from phi2qlora.gguf import stream_answer
 
             with self.lock:
-                for text, _, ended in stream_answer(self.model, prompt, max_new_tokens):
-                    yield {"prompt": prompt, "answer": text, "words": count_words(text), "ended": ended}
+                yield from stream_answer(self.model, prompt, max_new_tokens)
             return
         with self.active() as model:
             yield from stream_answers(model, self.tokenizer, prompt, max_new_tokens)

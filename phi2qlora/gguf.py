@@ -124,31 +124,36 @@ def prompt_tokens(llm, prompt: str) -> list[int]:
 
 
 def stream_answer(llm, prompt: str, max_new_tokens: int):
-    """Greedy new tokens for one prompt, yielded as (text so far, token ids so far, ended)."""
+    """One prompt's greedy answer as it grows: answers.generate_answers' row (`prompt`,
+    `answer`, `words`, `ended`, plus the new token `ids`) after each new token; the last is
+    the answer."""
     end_id = llm.tokenize(END.encode(), add_bos=False, special=True)[0]
     ids, text = [], b""
+
+    def row(ended: bool) -> dict:
+        answer = text.decode("utf-8", "replace").strip()
+        return {"prompt": prompt, "answer": answer, "words": count_words(answer), "ended": ended, "ids": list(ids)}
+
     tokens = prompt_tokens(llm, prompt)
-    llm.reset()
     for token in llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
         if token == end_id or token == llm.token_eos():
-            yield text.decode("utf-8", "replace").strip(), ids, True
+            yield row(True)
             return
         ids.append(token)
         text += llm.detokenize([token], special=False)
-        yield text.decode("utf-8", "replace").strip(), ids, False
+        yield row(False)
         if len(ids) >= max_new_tokens:
             return
 
 
 def greedy_answers(llm, prompts: list[str], max_new_tokens: int = 128) -> list[dict]:
-    """answers.generate_answers' rows (`prompt`, `answer`, `words`, `ended`, plus `ids`),
-    from a GGUF model."""
+    """stream_answer's last row for each prompt."""
     rows = []
     for prompt in prompts:
-        text, ids, ended = "", [], False
-        for text, ids, ended in stream_answer(llm, prompt, max_new_tokens):
+        last = {"prompt": prompt, "answer": "", "words": 0, "ended": False, "ids": []}  # no token at all
+        for last in stream_answer(llm, prompt, max_new_tokens):
             pass
-        rows.append({"prompt": prompt, "answer": text, "words": count_words(text), "ended": ended, "ids": list(ids)})
+        rows.append(last)
     return rows
 
 

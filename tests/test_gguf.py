@@ -95,9 +95,6 @@ def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
         def tokenize(self, text, add_bos=False, special=True):
             return [99] if text == END.encode() else [1, 2, 3]
 
-        def reset(self):
-            pass
-
         def token_eos(self):
             return 99
 
@@ -108,9 +105,9 @@ def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
             return {10: b"Hello", 11: b" there"}[ids[0]]
 
     *_, last = stream_answer(Engine(), "Hi", 16)
-    assert last == ("Hello there", [10, 11], True)
+    assert last == {"prompt": "Hi", "answer": "Hello there", "words": 2, "ended": True, "ids": [10, 11]}
     *_, cut = stream_answer(Engine(), "Hi", 1)
-    assert cut == ("Hello", [10], False)
+    assert cut == {"prompt": "Hi", "answer": "Hello", "words": 1, "ended": False, "ids": [10]}
 
 
 def requirement_closure(requirements: list[str]) -> dict:
