@@ -94,11 +94,9 @@ def read_plan(argv: list[str]) -> tuple[PlanArguments, dict]:
     """This script's options, and the recipe with the flags over it read by the training
     scripts' own argument path: the same checks (unknown keys, types, values, file:line)
     and every field the recipe leaves out at the value training would use."""
-    from phi2qlora.args import parse_config
+    from phi2qlora.args import parse_config, recipe_path
 
-    argv = list(argv)
-    path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else str(DEFAULT_RECIPE)
-    keys, _ = read_recipe(path)
+    keys, _ = read_recipe(recipe_path(argv, DEFAULT_RECIPE))
     # Precision changes no term of the estimate; with it off the configs build on any machine.
     flags = [*argv, "--fp16", "False", "--bf16", "False"]
     plan, *configs = parse_config((PlanArguments, *script_classes(keys)), flags, DEFAULT_RECIPE)
@@ -283,7 +281,9 @@ def auto_plan(recipe: dict, gpu_gib: float = 15.0, gpu: str = "t4") -> tuple[dic
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, recipe = read_plan(argv)
-    config = argv[argv.index("--config") + 1] if "--config" in argv else str(DEFAULT_RECIPE)
+    from phi2qlora.args import recipe_path
+
+    config = recipe_path(argv, DEFAULT_RECIPE)
     if args.gpu not in SPEED:
         raise InputError(f"--gpu must be one of {', '.join(sorted(SPEED))}, got {args.gpu!r}")
     est = estimate(recipe, args.gpu_gib)

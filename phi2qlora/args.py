@@ -105,17 +105,20 @@ def parse_script_args(dataclass_type, argv: list[str]):
     return args
 
 
+def recipe_path(argv: list[str], default_recipe=None) -> str | None:
+    """The recipe `--config` names, else `default_recipe` (None: no recipe)."""
+    if "--config" not in argv:
+        return None if default_recipe is None else str(default_recipe)
+    if argv.index("--config") + 1 >= len(argv):
+        raise InputError("--config needs a recipe: a YAML file of `option: value` lines, "
+                         "e.g. --config recipes/sft_tiny.yaml")
+    return argv[argv.index("--config") + 1]
+
+
 def _checked(dataclass_types, argv: list[str], default_recipe) -> tuple[list[str], str | None]:
     """The argv with the default recipe filled in, and the recipe, once every check passed."""
-    argv = list(argv)
-    if default_recipe is not None and "--config" not in argv:
-        argv = ["--config", str(default_recipe), *argv]
-    recipe = None
-    if "--config" in argv:
-        if argv.index("--config") + 1 >= len(argv):
-            raise InputError("--config needs a recipe: a YAML file of `option: value` lines, "
-                             "e.g. --config recipes/sft_tiny.yaml")
-        recipe = argv[argv.index("--config") + 1]
+    recipe = recipe_path(argv, default_recipe)
+    argv = list(argv) if recipe is None or "--config" in argv else ["--config", recipe, *argv]
     check_values(check_recipe(recipe, dataclass_types) if recipe else {}, argv, recipe)
     check_flags(argv, dataclass_types)
     return argv, recipe
