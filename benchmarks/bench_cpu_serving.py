@@ -41,49 +41,47 @@ PATHS = ("dequantized", "nf4", "nf4 packed")  # and "gguf FILE" for each --gguf
 PROMPT = "Explain why the sky is blue in under 50 words."
 
 
+def gguf_timed(llm, new_tokens: int, runs: int) -> tuple[list[float], list[int], list[int]]:
+    """New tok/s of `runs` greedy generations after an untimed one (no stop at the end of
+    turn: the same number of tokens each run), their tokens, and the prompt's."""
+    from phi2qlora.gguf import prompt_tokens
+
+    prompt = prompt_tokens(llm, PROMPT)
+    speeds, tokens = [], []
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            tokens.append(token)
+            if len(tokens) == new_tokens:
+                break
+        if i:
+            speeds.append(new_tokens / (time.perf_counter() - t))
+    return speeds, tokens, prompt
+
+
 def gguf_child(path: str, new_tokens: int, runs: int) -> dict:
     from phi2qlora.gguf import load, prompt_tokens
 
     start = time.perf_counter()
     llm = load(path.removeprefix("gguf "))
-    prompt = prompt_tokens(llm, PROMPT)
-    llm.eval(prompt)
+    llm.eval(prompt_tokens(llm, PROMPT))
     load_s = time.perf_counter() - start
-    seconds, tokens = [], None
-    for i in range(runs + 1):
-        t = time.perf_counter()
-        tokens = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            tokens.append(token)  # no stop at the end of turn: the same number of tokens each run
-            if len(tokens) == new_tokens:
-                break
-        if i:
-            seconds.append(time.perf_counter() - t)
+    speeds, tokens, prompt = gguf_timed(llm, new_tokens, runs)
     return {"path": path, "avx512_bf16": None, "threads": llm.context_params.n_threads, "load_s": load_s,
-            "tok_s": [new_tokens / s for s in seconds], "tok_s_batch": None, "tokens": tokens, "prompt": prompt,
+            "tok_s": speeds, "tok_s_batch": None, "tokens": tokens, "prompt": prompt,
             "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def page_child(paths: list[str], new_tokens: int, runs: int) -> dict:
     """Every GGUF loaded in one process, as the CPU Space's page holds them: its peak RSS and
     load time, and each model's speed with the others loaded."""
-    from phi2qlora.gguf import load, prompt_tokens
+    from phi2qlora.gguf import load
 
     start = time.perf_counter()
     llms = [load(p) for p in paths]
     load_s = time.perf_counter() - start
-    speeds = []
-    for llm in llms:
-        prompt = prompt_tokens(llm, PROMPT)
-        seconds = []
-        for i in range(runs + 1):
-            t = time.perf_counter()
-            for n, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True), 1):
-                if n == new_tokens:
-                    break
-            if i:
-                seconds.append(time.perf_counter() - t)
-        speeds.append(statistics.median(new_tokens / s for s in seconds))
+    speeds = [statistics.median(gguf_timed(llm, new_tokens, runs)[0]) for llm in llms]
     return {"path": "page: " + " + ".join(Path(p).name for p in paths), "load_s": load_s, "tok_s_each": speeds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -216,7 +214,8 @@ def main():
               "GiB, new tok/s each " + ", ".join(f"{s:.2f}" for s in page["tok_s_each"]))
         results["page"] = page
     products = product_ms() if any(not p.startswith(("gguf", "page")) for p in results) else {}
-    print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
+    if products:
+        print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for r in results.values():
         r.pop("last_logits", None)
