@@ -155,7 +155,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     reward_funcs = [with_stats(f) if f.func is word_limit_reward else f
                     for f in make_reward_funcs(tokenizer)]
     if training_args.reward_weights is None:  # the weights evaluate.py totals with, unless the recipe sets its own
-        training_args.reward_weights = reward_weights(make_reward_funcs(tokenizer))
+        training_args.reward_weights = reward_weights(reward_funcs)
     print("[grpo] reward weights: " + ", ".join(f"{f.__name__} {w:g}" for f, w in
                                                 zip(REWARD_FUNCS, training_args.reward_weights)))
     trainer = (FastRolloutGRPOTrainer if script_args.fast_rollouts else GRPOTrainer)(

@@ -19,7 +19,7 @@ from phi2qlora.args import parse_script_args
 from phi2qlora.chat import answer_text, user_message
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import check_writable, read_jsonl_rows, write_jsonl_atomic
-from phi2qlora.rewards import REWARD_FUNCS, REWARD_WEIGHTS, score, word_limit_compliance
+from phi2qlora.rewards import REWARD_FUNCS, REWARD_WEIGHTS, score, weighted_total, word_limit_compliance
 from phi2qlora.word_limits import count_words, row_limit, valid_limit
 
 
@@ -64,7 +64,7 @@ def score_rows(rows: list[dict]) -> list[dict]:
             "words": count_words(answer_text(row["completion"])),
             "limit": list(limit) if limit else None,
             "rewards": values,
-            "total": sum(REWARD_WEIGHTS[name] * v for name, v in values.items()),
+            "total": weighted_total(values),
             "compliance": compliance[i],
         })
     return out
