@@ -24,7 +24,7 @@ from phi2qlora.word_limits import count_words, row_limit, valid_limit
 
 
 def read_pairs(path: str) -> list[dict]:
-    rows = [check_pair(row, f"{path}:{n}") for n, row in read_jsonl_rows(path, "file", objects=False)]
+    rows = [check_pair(row, f"{path}:{n}") for n, row in read_jsonl_rows(path, "file", objects=False, if_missing="")]
     if not rows:
         raise InputError(f"{path}: no rows (each line: {{\"prompt\": ..., \"completion\": ...}})")
     return rows

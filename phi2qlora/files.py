@@ -115,16 +115,16 @@ def parse_json_line(raw: bytes):
     return value
 
 
-def jsonl_lines(path: str | os.PathLike, what: str = "file", progress: bool = False):
+def jsonl_lines(path: str | os.PathLike, what: str = "file", progress: bool = False, if_missing: str = ""):
     """`(line number, raw bytes)` for each non-blank line of a JSONL file, `.gz` or not.
     Bytes, not a text-mode file, because that decodes 8 KB ahead and blames an earlier line
-    for a bad byte; a UTF-8 byte-order mark is skipped."""
+    for a bad byte; a UTF-8 byte-order mark is skipped. `if_missing`: what to do, said when
+    the file is not there."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a file")
     if not path.is_file():
-        raise InputError(f"{path}: {what} not found" + ("; run data_prep.py first (see README)"
-                                                        if what in ("data file", "prompt file") else ""))
+        raise InputError(f"{path}: {what} not found" + (f"; {if_missing}" if if_missing else ""))
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -158,11 +158,12 @@ def unencodable(value) -> str | None:
     return ""
 
 
-def read_jsonl_rows(path: str | os.PathLike, what: str = "file", *, objects: bool = True):
+def read_jsonl_rows(path: str | os.PathLike, what: str = "file", *, objects: bool = True,
+                    if_missing: str = "run data_prep.py first (see README)"):
     """Yield `(line number, row)` for each non-blank line, stopping at the first bad line
     with its file and line (`datasets`' JSON loader names neither). `objects`: every row
     must be a JSON object."""
-    for n, raw in jsonl_lines(path, what):
+    for n, raw in jsonl_lines(path, what, if_missing=if_missing):
         try:
             row = parse_json_line(raw)
             if objects and not isinstance(row, dict):
