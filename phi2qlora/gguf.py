@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from phi2qlora.chat import END, format_prompt
@@ -42,7 +43,7 @@ def converter_dir() -> Path:
     how to get it."""
     version = llama_cpp_version()
     if version is None:
-        raise InputError("GGUF export needs llama-cpp-python: pip install -r requirements-gguf.txt (see README, "
+        raise InputError("GGUF export needs llama-cpp-python: pip install -r requirements-serve.txt (see README, "
                          "\"Export\")")
     folder = CONVERTER_HOME / f"llama-cpp-python-{version}"
     if not (folder / "convert_hf_to_gguf.py").is_file():
@@ -99,21 +100,60 @@ def gguf_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, seed: int = 0):
+def amx_kernels_built_in() -> bool:
+    """Whether this llama.cpp was built with its AMX kernels: a build from source with its
+    defaults (-march=native) on a CPU that lists AMX, as Intel's Sapphire Rapids and newer do."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextmanager
+def _extra_buffer_types(enabled: bool):
+    """llama-cpp-python 0.3.36's `Llama` has no parameter for llama.cpp's `use_extra_bufts`;
+    it reads the model's defaults from `llama_model_default_params`, so that is where the
+    flag is set, for the one `Llama(...)` inside this block."""
+    import llama_cpp.llama as engine
+
+    defaults = engine.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = enabled
+        return p
+
+    engine.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        engine.llama_cpp.llama_model_default_params = defaults
+
+
+def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, seed: int = 0,
+         repacked: bool | None = None):
     """A GGUF on llama.cpp's CPU backend. `n_ctx` 0: the model's own context (2,048 for
-    Phi-2); `threads` defaults to the cores this process may use."""
+    Phi-2); `threads` defaults to the cores this process may use; `repacked`: llama.cpp's
+    extra buffer types (None: on unless the build has AMX kernels, below)."""
     from llama_cpp import Llama
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no GGUF model there; write one with export_model.py --gguf")
     threads = threads or len(os.sched_getaffinity(0))
+    # llama.cpp puts Q4_K / Q8_0 weights in an "extra buffer type" repacked for its fastest
+    # kernels: AMX where the build has them, else its AVX2/AVX512 repack. Its AMX kernels
+    # killed the process on a 2-core Xeon VM that lists AMX (2026-12-05, llama-cpp-python
+    # 0.3.36: SIGILL at the first `ldtilecfg` with 1 thread, a segfault with 2), as reported
+    # for other Sapphire Rapids machines (llama.cpp issue #20824). There the plain kernels
+    # run instead (Phi-2 Q4_K_M: 6.3 new tok/s on those 2 cores, PERFORMANCE.md).
+    extra = not amx_kernels_built_in() if repacked is None else repacked
     try:
         # use_mmap=False: llama.cpp repacks Q4_K / Q8_0 weights for its CPU kernels; read from a
         # memory map the file's pages stay resident beside the repacked copy (Phi-2 Q4_K_M, 2
         # cores: peak RSS 3.0 GiB mapped, 2.0 GiB read, the same speed).
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
-                     n_gpu_layers=0, use_mmap=False, verbose=False)
+        with _extra_buffer_types(extra):
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
+                         n_gpu_layers=0, use_mmap=False, verbose=False)
     except (ValueError, RuntimeError) as e:  # llama.cpp refuses a damaged or foreign file this way
         raise InputError(f"{path}: llama.cpp cannot load it ({str(e)[:200]}); export it again") from None
 

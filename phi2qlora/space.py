@@ -14,8 +14,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from phi2qlora.files import atomic_path, write_atomic
+from phi2qlora.gguf import CONVERTER_HOME
 
 ROOT = Path(__file__).resolve().parent.parent
+# The Space's wheels, fetched once by tools/fetch_space_wheels.py for tests/test_gguf.py,
+# which installs the Space from them in a fresh venv without the network.
+SPACE_WHEELS = CONVERTER_HOME / "space-wheels"
 # A free CPU Space: 2 vCPUs and 16 GB. The page's models, in Q4_K_M, need about 2 GB each.
 HARDWARE = "cpu-basic"
 
@@ -77,9 +81,23 @@ or any GGUF alone with llama.cpp: `llama-cli -m models/NAME.gguf -p "<|user|>\\n
 
 REQUIREMENTS = """# What the Space needs, pinned to what the project tested: no torch, no transformers.
 # llama-cpp-python builds llama.cpp from source on the Space (several minutes on 2 cores).
+# On x86-64 without its AMX kernels: they crash on some CPUs that list AMX (llama.cpp issue
+# #20824; SIGILL on a 2-core Xeon VM, 2026-12-05), and the AVX512/AVX2 kernels run instead.
 gradio=={gradio}
-llama-cpp-python=={llama}
+{llama}
 """
+
+
+def llama_cpp_requirements() -> str:
+    """requirements-serve.txt's llama-cpp-python lines, build options included."""
+    lines = (ROOT / "requirements-serve.txt").read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if line.startswith("llama-cpp-python"))
+
+
+def space_requirements() -> str:
+    """The Space's requirements.txt."""
+    return REQUIREMENTS.format(gradio=version("gradio"), llama=llama_cpp_requirements())
+
 
 PROJECT_FILES = ("app.py", "phi2qlora/__init__.py", "phi2qlora/answers.py", "phi2qlora/args.py",
                  "phi2qlora/chat.py", "phi2qlora/errors.py", "phi2qlora/files.py", "phi2qlora/gguf.py",
@@ -95,8 +113,8 @@ def add_to_space(space: Path, gguf: Path) -> Path:
     for name in PROJECT_FILES:
         write_atomic(space / "project" / name, (ROOT / name).read_text(encoding="utf-8"))
     write_atomic(space / "app.py", LAUNCHER)
+    write_atomic(space / "requirements.txt", space_requirements())
     pins = {"gradio": version("gradio"), "llama": version("llama-cpp-python")}
-    write_atomic(space / "requirements.txt", REQUIREMENTS.format(**pins))
     files = sorted(p.name for p in models.glob("*.gguf"))
     write_atomic(space / "README.md", CARD.format(
         models=", ".join(f"`{Path(f).stem}`" for f in files), files=", ".join(files), hardware=HARDWARE, **pins))

@@ -1,7 +1,8 @@
 """The CPU serving path with the real engine: the tiny SFT adapter exported to GGUF by
 llama.cpp's converter and quantizer, loaded by llama-cpp-python, and the Space folder
-started as a Space starts it (from its own folder, in a Python holding only its
-requirements), queried through gradio_client and headless Chromium on 127.0.0.1."""
+started as a Space starts it (from its own folder, in a fresh venv where only its
+requirements.txt was installed, offline from wheels fetched beforehand), queried through
+gradio_client and headless Chromium on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from gradio_client import Client
 from tiny_adapters import sft_adapter
 
@@ -87,6 +89,21 @@ def test_gguf_keeps_the_chat_format_and_answers_as_the_merged_model(exported):
             tokenizer(format_prompt(g["prompt"]), add_special_tokens=False)["input_ids"]
 
 
+def test_llama_cpp_amx_kernels_are_left_out_where_built_in(exported, monkeypatch):
+    """llama.cpp's AMX kernels crash on some CPUs that list AMX (this suite segfaulted on one,
+    2026-12-05): where a build has them, `load` turns llama.cpp's extra buffer types off;
+    elsewhere they stay on (its AVX2/AVX512 repacked kernels)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info
+    for built_in in (True, False):
+        monkeypatch.setattr(llama_cpp, "llama_print_system_info",
+                            lambda b=built_in: info().replace(b"AMX_INT8 = 1", b"") + (b"AMX_INT8 = 1 |" if b else b""))
+        llm = load(exported / "merged-gguf" / "sft-f16.gguf")  # f16: no AMX kernel, safe to load either way
+        assert llm.model_params.use_extra_bufts is (not built_in)
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # the library's own default is back
+
+
 def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
     """stream_answer on a stand-in engine that emits two tokens, END, then more."""
     from phi2qlora.gguf import stream_answer
@@ -110,55 +127,41 @@ def test_an_answer_stops_at_the_end_of_turn_and_leaves_it_out():
     assert cut == {"prompt": "Hi", "answer": "Hello", "words": 1, "ended": False, "ids": [10]}
 
 
-def requirement_closure(requirements: list[str]) -> dict:
-    """The installed distributions `requirements` need, theirs included (extras left out)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    found, todo = {}, list(requirements)
-    while todo:
-        req = Requirement(todo.pop())
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        if canonicalize_name(req.name) in found:
-            continue
-        try:
-            dist = distribution(req.name)
-        except PackageNotFoundError:  # an optional dependency not installed here
-            continue
-        found[canonicalize_name(req.name)] = dist
-        todo += dist.requires or []
-    return found
-
-
 @pytest.fixture(scope="module")
 def space_python(tmp_path_factory, exported):
-    """A Python with nothing installed but the Space's requirements.txt and what they depend
-    on: a venv without site packages, and a folder of links to those distributions only
-    (installing them afresh would need the network, which tests do not use)."""
-    root = tmp_path_factory.mktemp("space-env")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
-    site = root / "site"
-    site.mkdir()
-    lines = (exported / "space" / "requirements.txt").read_text().splitlines()
-    for dist in requirement_closure([line for line in lines if line and not line.startswith("#")]).values():
-        for top in {Path(str(f)).parts[0] for f in dist.files or []}:
-            source = Path(dist.locate_file(top))
-            if top not in ("..", "__pycache__") and source.exists() and not (site / top).exists():
-                (site / top).symlink_to(source)
-    return root / "venv" / "bin" / "python", site
+    """A fresh venv with the Space's requirements.txt installed as a Space's builder installs
+    it (`pip install -r requirements.txt`), offline from the wheels that
+    tools/fetch_space_wheels.py fetched: nothing else in it."""
+    from phi2qlora.space import SPACE_WHEELS
+
+    wanted = (exported / "space" / "requirements.txt").read_text()
+    fetched = SPACE_WHEELS / "requirements.txt"
+    if not fetched.is_file() or fetched.read_text() != wanted:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "the Space's wheels are not fetched: python tools/fetch_space_wheels.py (README)")
+    venv = tmp_path_factory.mktemp("space-env") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(SPACE_WHEELS),
+                    "--disable-pip-version-check", "-r", str(exported / "space" / "requirements.txt")],
+                   check=True, env={k: v for k, v in os.environ.items() if not k.startswith("PIP_")})
+    return python
+
+
+def installed(python) -> set[str]:
+    from packaging.utils import canonicalize_name
+
+    listing = subprocess.run([str(python), "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+                             check=True, capture_output=True, text=True).stdout
+    return {canonicalize_name(d["name"]) for d in json.loads(listing)}
 
 
 def space_process(space: Path, port: int, python) -> subprocess.Popen:
-    """`python app.py` in the Space folder, as a Space runs it: from its own folder, in an
-    environment that holds only the Space's requirements."""
-    interpreter, site = python
+    """`python app.py` in the Space folder, as a Space runs it: from its own folder, with
+    the Space's venv."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONPATH=str(site), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False")
-    return subprocess.Popen([str(interpreter), "-s", "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    return subprocess.Popen([str(python), "-s", "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -180,7 +183,7 @@ def space(exported, space_python):
         proc.wait(timeout=30)
 
 
-def test_space_folder_holds_what_a_space_needs(exported):
+def test_space_folder_holds_what_a_space_needs(exported, space_python):
     folder = exported / "space"
     card = (folder / "README.md").read_text()
     front = card.split("---")[1]
@@ -188,8 +191,11 @@ def test_space_folder_holds_what_a_space_needs(exported):
     assert re.search(r"^suggested_hardware: cpu-basic$", front, re.M)
     requirements = [line for line in (folder / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#")]
-    assert sorted(r.split("==")[0] for r in requirements) == ["gradio", "llama-cpp-python"]
-    assert not set(requirement_closure(requirements)) & set(TRAINING_STACK)  # no torch, no transformers
+    assert sorted({r.split("==")[0] for r in requirements}) == ["gradio", "llama-cpp-python"]
+    serve = [line for line in (ROOT / "requirements-serve.txt").read_text().splitlines() if line.startswith("llama")]
+    assert [r for r in requirements if r.startswith("llama")] == serve  # built as the project builds it
+    have = installed(space_python)
+    assert {"gradio", "llama-cpp-python"} <= have and not have & set(TRAINING_STACK)  # no torch, no transformers
     assert [p.name for p in (folder / "models").glob("*.gguf")] == ["sft-q8_0.gguf"]
 
 
@@ -246,13 +252,15 @@ def test_a_bad_model_file_in_the_space_is_one_line(exported, space_python, tmp_p
     assert "Traceback" not in out
 
 
-def test_app_on_a_cpu_takes_the_gguf_exports_unless_told(tmp_path, monkeypatch):
+def test_app_on_a_cpu_takes_the_gguf_exports_unless_told(tmp_path, monkeypatch, capsys):
     import app
 
     monkeypatch.setattr(app, "DEFAULT_GGUF", str(tmp_path))
     args = app.parse_args([])
     app.use_cpu_fast_path(args)
-    assert args.gguf == []  # no GGUF there yet: the adapters, as before
+    assert args.gguf == []  # no GGUF there yet: the adapters, as before, and how to get the fast path
+    said = capsys.readouterr().out
+    assert "fp32 path" in said and "export_model.py --gguf q4_k_m" in said
     (tmp_path / "m-q4_k_m.gguf").write_bytes(b"")
     app.use_cpu_fast_path(args)
     assert args.gguf == [str(tmp_path)]
