@@ -8,7 +8,9 @@ the NF4 values unpacked to fp32 (the baseline: app.py's CPU path for adapters).
 
 Each path loads in a process of its own (so peak RSS is its own):
 - `gguf NAME`: the file on llama.cpp's CPU backend (llama-cpp-python), as the CPU Space
-  serves it (`phi2qlora.gguf.load`), every core this process may use;
+  serves it (`phi2qlora.gguf.load`), every core this process may use; `gguf plain NAME`
+  (`--gguf_plain`): the same without llama.cpp's repacked weights, as `load` runs a build
+  that has AMX kernels;
 - `nf4 packed`: `load_base_model(..., cpu_packed_kernel=True)`; on a CPU with AVX512-BF16,
   bitsandbytes repacks each layer for its bf16 inference kernel at the first forward;
   elsewhere it is the same as `nf4`.
@@ -16,10 +18,10 @@ Each path loads in a process of its own (so peak RSS is its own):
 - `dequantized`: loaded in NF4, then `model.dequantize()` to fp32 nn.Linear layers: the
   same values as `nf4`, app.py's CPU default.
 Greedy, `--new_tokens` new tokens after one untimed call, at batch 1 (one request, as the
-page serves them) and `--batch` (transformers paths: that many prompts at once); median and
-range of `--runs`. Agreement is against `dequantized` (the values the adapters were trained on):
-how many runs' first token is the same, and how many tokens match before the first
-difference; `max |dlogit|` on the prompt. Also one 2560 x 10240 product for one token.
+page serves them) and `--batch` (that many prompts at once; for llama.cpp one decode a
+step over that many sequences); median and range of `--runs`. Agreement is against
+`dequantized` (the values the adapters were trained on): how many tokens match before the
+first difference; `max |dlogit|` on the prompt. Also one 2560 x 10240 product for one token.
 Prints a table and writes results.json to --out.
 """
 
@@ -60,16 +62,77 @@ def gguf_timed(llm, new_tokens: int, runs: int) -> tuple[list[float], list[int],
     return speeds, tokens, prompt
 
 
-def gguf_child(path: str, new_tokens: int, runs: int) -> dict:
+def gguf_batched(llm, new_tokens: int, runs: int, batch: int) -> tuple[list[float], list[int]]:
+    """New tok/s of `batch` greedy sequences decoded together: one `llama_decode` a step for
+    all rows, on a second llama.cpp context of `batch` sequences over the same weights
+    (llama-cpp-python's `Llama` holds one sequence). Row 0 has PROMPT, the others the
+    preview prompts; no row stops. Also row 0's tokens, to hold against batch 1's."""
+    import numpy as np
+
+    import llama_cpp
+    from phi2qlora.chat import DEFAULT_PROMPTS
+    from phi2qlora.gguf import prompt_tokens
+
+    prompts = [prompt_tokens(llm, p) for p in [PROMPT, *DEFAULT_PROMPTS][:batch]]
+    params = llama_cpp.llama_context_default_params()
+    per_row = -(-(max(map(len, prompts)) + new_tokens) // 256) * 256  # llama.cpp splits n_ctx evenly
+    params.n_seq_max, params.n_ctx = batch, batch * per_row
+    params.n_batch = params.n_ubatch = max(sum(map(len, prompts)), batch)
+    params.n_threads = params.n_threads_batch = llm.context_params.n_threads
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    rows = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    n_vocab = llm.n_vocab()
+
+    def decode(entries):  # (token, position, sequence); every entry's logits wanted
+        rows.n_tokens = len(entries)
+        for i, (token, pos, seq) in enumerate(entries):
+            rows.token[i], rows.pos[i], rows.n_seq_id[i], rows.seq_id[i][0], rows.logits[i] = token, pos, 1, seq, True
+        if llama_cpp.llama_decode(ctx, rows) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+                for i in range(len(entries))]
+
+    speeds = []
+    try:
+        for i in range(runs + 1):
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            start = time.perf_counter()
+            entries = [(t, pos, seq) for seq, p in enumerate(prompts) for pos, t in enumerate(p)]
+            firsts = decode(entries)
+            last = [sum(map(len, prompts[: seq + 1])) - 1 for seq in range(batch)]
+            tokens = [firsts[j] for j in last]
+            first_row = [tokens[0]]
+            for step in range(new_tokens - 1):
+                tokens = decode([(t, len(prompts[seq]) + step, seq) for seq, t in enumerate(tokens)])
+                first_row.append(tokens[0])
+            if i:  # the first run warms up
+                speeds.append(batch * new_tokens / (time.perf_counter() - start))
+    finally:
+        llama_cpp.llama_batch_free(rows)
+        llama_cpp.llama_free(ctx)
+    return speeds, first_row
+
+
+def gguf_child(path: str, new_tokens: int, runs: int, batch: int) -> dict:
     from phi2qlora.gguf import load, prompt_tokens
 
     start = time.perf_counter()
-    llm = load(path.removeprefix("gguf "))
+    plain = path.startswith("gguf plain ")  # llama.cpp's extra buffer types off, as on a build with AMX kernels
+    llm = load(path.removeprefix("gguf plain ").removeprefix("gguf "), repacked=False if plain else None)
     llm.eval(prompt_tokens(llm, PROMPT))
     load_s = time.perf_counter() - start
     speeds, tokens, prompt = gguf_timed(llm, new_tokens, runs)
-    return {"path": path, "avx512_bf16": None, "threads": llm.context_params.n_threads, "load_s": load_s,
-            "tok_s": speeds, "tok_s_batch": None, "tokens": tokens, "prompt": prompt,
+    batched, first_row = gguf_batched(llm, new_tokens, runs, batch) if batch > 1 else (None, None)
+    import llama_cpp
+
+    built = [f for f in ("AVX2", "AVX512", "AVX512_BF16", "AMX_INT8") if f"{f} = 1".encode() in
+             llama_cpp.llama_print_system_info()]
+    build = (f"{llama_cpp.__version__}, built with {', '.join(built) or 'none of AVX2, AVX512, AMX'}; "
+             f"extra buffer types (repacked kernels) {'on' if llm.model_params.use_extra_bufts else 'off'}")
+    return {"path": path, "avx512_bf16": None, "llama_cpp": build, "threads": llm.context_params.n_threads,
+            "load_s": load_s,
+            "tok_s": speeds, "tok_s_batch": batched, "batch_row0_same": first_row and agreement(tokens, first_row),
+            "tokens": tokens, "prompt": prompt,
             "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -90,7 +153,7 @@ def child(path: str, model_dir: str, new_tokens: int, runs: int, batch: int) -> 
     if path.startswith("page "):
         return page_child(path.removeprefix("page ").split("|"), new_tokens, runs)
     if path.startswith("gguf "):
-        return gguf_child(path, new_tokens, runs)
+        return gguf_child(path, new_tokens, runs, batch)
     import torch
     from bitsandbytes.functional import has_avx512bf16
 
@@ -159,6 +222,19 @@ def product_ms(repeats: int = 20) -> dict:
     return result
 
 
+def cpu_flags() -> dict:
+    """What /proc/cpuinfo says of the two features that change these paths: AVX512-BF16
+    (bitsandbytes' packed kernel) and AMX (llama.cpp's AMX kernels, phi2qlora.gguf)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "?", "avx512_bf16": "?", "amx": "?"}
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return {"model": model, "avx512_bf16": "yes" if "avx512_bf16" in flags else "no",
+            "amx": "yes" if "amx_int8" in flags else "no"}
+
+
 def agreement(reference: list[int], tokens: list[int]) -> int:
     same = 0
     for a, b in zip(reference, tokens):
@@ -173,9 +249,11 @@ def main():
     p.add_argument("--model_dir", required=True, help="a model folder: make_tiny_model.py's or make_phi2_shaped.py's")
     p.add_argument("--new_tokens", type=int, default=24)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=4, help="the batched measurement's prompts (transformers paths)")
+    p.add_argument("--batch", type=int, default=4, help="the batched measurement's prompts")
     p.add_argument("--paths", nargs="*", default=list(PATHS), help=f"of {', '.join(PATHS)}")
     p.add_argument("--gguf", nargs="*", default=[], help="GGUF files to serve with llama.cpp (export_model.py --gguf)")
+    p.add_argument("--gguf_plain", nargs="*", default=[],
+                   help="GGUF files on llama.cpp's plain kernels (no repacked weights: what a build with AMX kernels gets)")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs/bench-cpu"))
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -184,7 +262,7 @@ def main():
         return
     results = {}
     pages = [f"page {'|'.join(args.gguf)}"] if len(args.gguf) > 1 else []
-    for path in [*args.paths, *(f"gguf {g}" for g in args.gguf), *pages]:
+    for path in [*args.paths, *(f"gguf {g}" for g in args.gguf), *(f"gguf plain {g}" for g in args.gguf_plain), *pages]:
         run = subprocess.run([sys.executable, __file__, "--model_dir", args.model_dir, "--new_tokens",
                               str(args.new_tokens), "--runs", str(args.runs), "--batch", str(args.batch),
                               "--_child", path], capture_output=True, text=True)
@@ -193,9 +271,13 @@ def main():
         results[path] = json.loads(run.stdout.strip().splitlines()[-1])
     page = results.pop(pages[0], None) if pages else None
     reference = results.get("dequantized") or next(iter(results.values()))
-    avx = next((r["avx512_bf16"] for r in results.values() if r["avx512_bf16"] is not None), None)
+    flags = cpu_flags()
     print(f"{args.model_dir}: greedy, {args.new_tokens} new tokens, {args.runs} runs, {reference['threads']} threads, "
-          f"AVX512-BF16 {'?' if avx is None else 'yes' if avx else 'no'}; agreement against {reference['path']}")
+          f"CPU {flags['model']}: AVX512-BF16 {flags['avx512_bf16']}, AMX {flags['amx']}; "
+          f"agreement against {reference['path']}")
+    llama = next((r["llama_cpp"] for r in results.values() if r.get("llama_cpp")), None)
+    if llama:
+        print(f"llama.cpp: {llama}")
     print(f"| path | batch 1 new tok/s (median, min-max) | batch {args.batch} new tok/s | peak RSS GiB | load s | "
           "same prompt tokens | tokens as the reference | max abs dlogit |")
     print("| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: |")
@@ -205,6 +287,8 @@ def main():
                   if r["last_logits"] and reference["last_logits"] else None)
         r.update(same_tokens=same, max_abs_dlogit=dlogit)
         batched = f"{statistics.median(r['tok_s_batch']):.2f}" if r["tok_s_batch"] else "-"
+        if r.get("batch_row0_same") is not None:  # llama.cpp: its batched row 0 against its batch 1
+            batched += f" (row 0: {r['batch_row0_same']}/{args.new_tokens} tokens as batch 1)"
         print(f"| {path} | {statistics.median(r['tok_s']):.2f} ({min(r['tok_s']):.2f}-{max(r['tok_s']):.2f}) | "
               f"{batched} | {r['peak_rss_gib']:.2f} | {r['load_s']:.1f} | "
               f"{'yes' if r['prompt'] == reference['prompt'] else 'no'} | {same}/{len(reference['tokens'])} | "
