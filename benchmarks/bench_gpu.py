@@ -11,6 +11,8 @@ each job in its own process, so every peak is clean and a crash or OOM loses one
   grpo     wall time of one full GRPO step through `grpo_train.main` (T4 recipe);
   preview  the preview callback's seconds per preview and its share of training time at
            the recipe's cadence (measured inside the recipe's SFT job).
+  export   export_model.py on the SFT adapter: merged, saved, checked (T4 mode: fp16);
+  app      app.py's columns on the GPU: NF4 base, adapters taking turns, answers streamed.
 
 Timing: a callback synchronises the GPU at each optimizer step's end; the first
 `--warmup` steps are dropped; tokens/s is the measured steps' tokens over their time
@@ -154,6 +156,10 @@ JOBS = {
         dict(name="t4 grpo recipe", kind="grpo", steps=30, warmup=1, why="recipes/grpo_phi2_t4.yaml, fp16, 15 GiB cap"),
         dict(name="t4 rollout fast", kind="rollout", fast=True, batch=32, new_tokens=160, repeats=3,
              why="fast rollouts at the GRPO recipe's shape, fp16, 15 GiB cap"),
+        dict(name="t4 export", kind="export", check_tokens=32,
+             why="export_model.py: NF4 base in fp16, adapter merged, saved in fp16, checked against the trained model"),
+        dict(name="t4 app", kind="app", new_tokens=64,
+             why="app.py's columns on a GPU: NF4 base, two adapters taking turns, answers streamed in fp16"),
     ],
 }
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
@@ -537,8 +543,62 @@ def run_grpo(job: dict, ctx: dict) -> dict:
             "completions_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps}
 
 
-RUNNERS = {"sft": run_sft, "rollout": run_rollout, "grpo": run_grpo}
-MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120}  # a job needs about this much on an H100; skipped with less
+def run_export(job: dict, ctx: dict) -> dict:
+    """export_model.py as a T4 user runs it after training: the NF4 base rebuilt in the
+    training dtype, dequantised, the adapter merged, saved in fp16, then checked against
+    base + adapter as trained (greedy answers and logits on the preview prompts)."""
+    import export_model
+
+    out = Path(ctx["work"]) / slug(job["name"])
+    argv = ["--model_name_or_path", ctx["model_dir"], "--adapter", ctx["adapter"], "--output_dir", str(out),
+            "--train_dtype", dtype_name(ctx), "--check_max_new_tokens", str(job.get("check_tokens", 32)),
+            "--overwrite", "true"]
+    start = time.perf_counter()
+    check = export_model.main(export_model.parse_args(argv))[str(out)]["check"]
+    return {**memory(), "wall_s": time.perf_counter() - start, "finite": math.isfinite(check["max_logit_diff"]),
+            **{f"export_{k}": v for k, v in check.items()}}
+
+
+def run_app(job: dict, ctx: dict) -> dict:
+    """app.py's columns as the page serves them on a GPU: the base in NF4 with two adapters
+    taking turns on it, each answer streamed (TextIteratorStreamer) in the run's dtype.
+    Per column: seconds for the answer, whether the streamed text grew into the final one,
+    whether the final one is generate_answers' own, and whether the logits are finite."""
+    import torch
+
+    import app
+    from phi2qlora.answers import generate_answers
+    from phi2qlora.chat import format_prompt
+
+    args = app.parse_args(["--base", ctx["model_dir"], "--sft", ctx["adapter"], "--grpo", ctx["adapter"],
+                           "--dtype", dtype_name(ctx)])
+    start = time.perf_counter()
+    columns = app.load_columns(args)
+    load_s = time.perf_counter() - start
+    prompt, new_tokens, per_column = "Explain why the sky is blue.", job.get("new_tokens", 64), {}
+    for column in columns:
+        sync()
+        t = time.perf_counter()
+        rows = list(column.stream(prompt, new_tokens))
+        sync()
+        seconds, final = time.perf_counter() - t, rows[-1]
+        with column.active() as model:
+            expected = generate_answers(model, column.tokenizer, [prompt], new_tokens)[0]
+            enc = column.tokenizer([format_prompt(prompt)], return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                finite = bool(torch.isfinite(model(**enc.to(model.device)).logits).all())
+        per_column[column.key] = {
+            "seconds": round(seconds, 3), "updates": len(rows), "finite": finite,
+            "grew": all(final["answer"].startswith(r["answer"]) for r in rows[:-1]),
+            "same_as_generate": final["answer"] == expected["answer"]}
+    return {**memory(), "load_s": load_s, "columns": per_column,
+            "finite": all(c["finite"] for c in per_column.values()),
+            "streams_ok": all(c["grew"] and c["same_as_generate"] for c in per_column.values())}
+
+
+RUNNERS = {"sft": run_sft, "rollout": run_rollout, "grpo": run_grpo, "export": run_export, "app": run_app}
+# A job needs about this much on an H100; skipped with less.
+MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120, "export": 60, "app": 45}
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,6 +729,13 @@ def table(results: list[dict]) -> str:
             notes.append(f"greedy vs plain: first token {100 * r['greedy_first_token_same']:.0f}% same, "
                          f"{r['greedy_tokens_same_before_first_difference']:.1f} tokens before a difference; "
                          f"graph {'=' if r['graph_equals_eager'] else '!='} eager")
+        if r["kind"] == "export":
+            notes.append(f"{r['export_same_greedy_answers']}/{r['export_prompts']} greedy answers as trained, logits "
+                         f"within {r['export_max_logit_diff']:.2g}" + ("" if r["finite"] else " NaN!"))
+        if r["kind"] == "app":
+            notes.append(", ".join(f"{key} {c['seconds']:.1f} s" + ("" if c["grew"] and c["same_as_generate"]
+                                                                   else " MISMATCH")
+                                   for key, c in r["columns"].items()) + ("" if r["finite"] else " NaN!"))
         if r["kind"] == "grpo":
             notes.append(f"{r.get('steps')} steps, {r.get('completions_per_step')} completions/step"
                          + ("" if r.get("finite", True) else " NaN!"))
@@ -740,7 +807,7 @@ def main(argv=None) -> list[dict]:
         ctx = prepare(args)
     print(f"[bench] prepared in {time.perf_counter() - started:.0f} s: {ctx['model_dir']}, {len(jobs)} jobs", flush=True)
 
-    needs_adapter = any(j["kind"] in ("rollout", "grpo") for j in jobs)
+    needs_adapter = any(j["kind"] in ("rollout", "grpo", "export", "app") for j in jobs)
     adapter_job = ensure_adapter(ctx) if needs_adapter and not distributed else None
     results = []
     for job in ([adapter_job] if adapter_job else []) + jobs:

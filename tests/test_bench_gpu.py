@@ -99,6 +99,22 @@ def test_grpo_step_and_rollout_jobs(ctx):
     assert "first token 100% same" in bench.table([fast])
 
 
+def test_export_and_app_jobs(ctx):
+    """The T4 set's export and app jobs, at the tiny scale: in fp32 on the CPU the merged
+    export (saved in fp16) answers as the trained model, and every column's streamed answer grows into
+    generate_answers' own."""
+    export = bench.run_job_here(bench.ALL_JOBS["t4 export"], ctx)
+    assert export["ok"] and export["finite"], export
+    assert export["export_same_greedy_answers"] == export["export_prompts"] == 4
+    assert export["export_max_logit_diff"] < 0.05  # saved in fp16 (seen: 0.005)
+    app = bench.run_job_here(bench.ALL_JOBS["t4 app"], ctx)
+    assert app["ok"] and app["finite"] and app["streams_ok"], app
+    assert set(app["columns"]) == {"base", "sft", "grpo"}
+    assert all(c["updates"] >= 2 for c in app["columns"].values())
+    text = bench.table([export, app])
+    assert "4/4 greedy answers as trained" in text and "MISMATCH" not in text and "sft " in text
+
+
 def test_table_shows_failures_and_figures():
     rows = [{"name": "a", "kind": "sft", "ok": True, "tok_s": 1234.0, "tok_s_min": 1000.0, "tok_s_max": 1500.0,
              "step_s": 0.5, "tokens_per_step": 617, "peak_alloc_gib": 3.25, "peak_reserved_gib": 4.0, "batch": 8,
