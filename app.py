@@ -435,6 +435,13 @@ def build_demo(columns: list[Column], args: AppArguments | None = None) -> gr.Bl
                      concurrency_limit=1)
     # One generation at a time (one GPU, or the CPU's cores); at most max_queue waiting.
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    # While that one generation runs, Gradio 6.31's queue looks for a free slot every 1 ms
+    # (`sleep_when_free`, 0.05 s on Windows): on a 2-core CPU Space that took 3.3 s of CPU
+    # from llama.cpp during a 40 s request (2026-12-05, Phi-2-shaped Q4_K_M x 2: 7.5 against
+    # 7.9-8.2 new tok/s each with 0.05 s, benchmarks/bench_cpu_serving.py --space). A queued
+    # request then starts up to 50 ms later, next to answers that take seconds.
+    if hasattr(getattr(demo, "_queue", None), "sleep_when_free"):
+        demo._queue.sleep_when_free = 0.05
     return demo
 
 

@@ -127,8 +127,7 @@ def gguf_child(path: str, new_tokens: int, runs: int, batch: int) -> dict:
 
     built = [f for f in ("AVX2", "AVX512", "AVX512_BF16", "AMX_INT8") if f"{f} = 1".encode() in
              llama_cpp.llama_print_system_info()]
-    build = (f"{llama_cpp.__version__}, built with {', '.join(built) or 'none of AVX2, AVX512, AMX'}; "
-             f"extra buffer types (repacked kernels) {'on' if llm.model_params.use_extra_bufts else 'off'}")
+    build = f"{llama_cpp.__version__}, built with {', '.join(built) or 'none of AVX2, AVX512, AMX'}"
     return {"path": path, "avx512_bf16": None, "llama_cpp": build, "threads": llm.context_params.n_threads,
             "load_s": load_s,
             "tok_s": speeds, "tok_s_batch": batched, "batch_row0_same": first_row and agreement(tokens, first_row),
@@ -222,6 +221,49 @@ def product_ms(repeats: int = 20) -> dict:
     return result
 
 
+def space_run(folder: str, python: str, new_tokens: int) -> dict:
+    """The Space folder as a Space runs it (`python app.py` in it, with `python` from a venv
+    holding its requirements.txt): seconds until it serves, one request of `new_tokens` to
+    every column through gradio_client (prompt included, streamed), and the process's peak
+    RSS (VmHWM)."""
+    import socket
+
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("PYTHONPATH", None)
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, "-s", "app.py"], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        client = None
+        while client is None and proc.poll() is None and time.perf_counter() - start < 300:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:  # noqa: BLE001 - not serving yet
+                time.sleep(0.5)
+        if client is None:
+            sys.exit(f"the Space in {folder} did not start")
+        serving_s = time.perf_counter() - start
+        t = time.perf_counter()
+        outputs = client.predict(PROMPT, None, new_tokens, api_name="/generate")
+        answer_s = time.perf_counter() - t
+        columns = (len(outputs) - 1) // 2
+        full = all("cut off" in outputs[2 + 2 * i] for i in range(columns))  # no answer ended early
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"path": f"space {folder}", "serving_s": serving_s, "columns": columns, "answer_s": answer_s,
+            "all_answers_full_length": full, "tok_s_each": columns * new_tokens / answer_s,
+            "peak_rss_gib": hwm / 2**20}
+
+
 def cpu_flags() -> dict:
     """What /proc/cpuinfo says of the two features that change these paths: AVX512-BF16
     (bitsandbytes' packed kernel) and AMX (llama.cpp's AMX kernels, phi2qlora.gguf)."""
@@ -254,6 +296,9 @@ def main():
     p.add_argument("--gguf", nargs="*", default=[], help="GGUF files to serve with llama.cpp (export_model.py --gguf)")
     p.add_argument("--gguf_plain", nargs="*", default=[],
                    help="GGUF files on llama.cpp's plain kernels (no repacked weights: what a build with AMX kernels gets)")
+    p.add_argument("--space", default=None, help="a Space folder (export_model.py --space) to start and query")
+    p.add_argument("--space_python", default=sys.executable,
+                   help="the Python of a venv holding the Space's requirements.txt")
     p.add_argument("--out", default=os.environ.get("OUT", "outputs/bench-cpu"))
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -270,6 +315,16 @@ def main():
             sys.exit(f"{path}: failed\n{run.stderr[-3000:]}")
         results[path] = json.loads(run.stdout.strip().splitlines()[-1])
     page = results.pop(pages[0], None) if pages else None
+    if args.space:
+        space = space_run(args.space, args.space_python, args.new_tokens)
+        print(f"{space['path']}: serving {space['serving_s']:.1f} s after start; one request of {args.new_tokens} new "
+              f"tokens to each of its {space['columns']} columns in {space['answer_s']:.1f} s "
+              f"({space['tok_s_each']:.2f} new tok/s each, prompt and streaming included"
+              f"{'' if space['all_answers_full_length'] else '; an answer ended early: fewer tokens'}); "
+              f"peak RSS {space['peak_rss_gib']:.2f} GiB")
+    if not results:
+        write_results(args.out, {"space": space}, {})
+        return
     reference = results.get("dequantized") or next(iter(results.values()))
     flags = cpu_flags()
     print(f"{args.model_dir}: greedy, {args.new_tokens} new tokens, {args.runs} runs, {reference['threads']} threads, "
@@ -300,11 +355,17 @@ def main():
     products = product_ms() if any(not p.startswith(("gguf", "page")) for p in results) else {}
     if products:
         print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     for r in results.values():
         r.pop("last_logits", None)
         r.pop("prompt", None)
-    (Path(args.out) / "results.json").write_text(json.dumps({"paths": results, "product_ms": products}, indent=1))
+    if args.space:
+        results["space"] = space
+    write_results(args.out, results, products)
+
+
+def write_results(out: str, results: dict, products: dict) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "results.json").write_text(json.dumps({"paths": results, "product_ms": products}, indent=1))
 
 
 if __name__ == "__main__":

@@ -280,3 +280,10 @@ def test_transformers_answers_stream_as_they_grow(tiny_model_dir, adapters, dire
     assert steps[-1] == direct["sft"]
     texts = [s["answer"] for s in steps[:-1] if s["answer"]]
     assert len(texts) >= 3 and all(direct["sft"]["answer"].startswith(x) for x in texts)
+
+
+def test_the_queue_does_not_poll_every_millisecond():
+    """Gradio's queue looks for a free slot every 1 ms while a generation runs, CPU that a
+    2-core Space's llama.cpp threads need (app.build_demo says how much): the page sets 50 ms."""
+    demo = app.build_demo([app.Column("x", "X", None, None)], app.AppArguments())
+    assert demo._queue.sleep_when_free == 0.05
