@@ -145,7 +145,7 @@ def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, se
     # killed the process on a 2-core Xeon VM that lists AMX (2026-12-05, llama-cpp-python
     # 0.3.36: SIGILL at the first `ldtilecfg` with 1 thread, a segfault with 2), as reported
     # for other Sapphire Rapids machines (llama.cpp issue #20824). There the plain kernels
-    # run instead (Phi-2 Q4_K_M: 6.3 new tok/s on those 2 cores, PERFORMANCE.md).
+    # run instead (Phi-2 Q4_K_M: 6.5 against 8.9 new tok/s on those 2 cores, PERFORMANCE.md).
     extra = not amx_kernels_built_in() if repacked is None else repacked
     try:
         # use_mmap=False: llama.cpp repacks Q4_K / Q8_0 weights for its CPU kernels; read from a
