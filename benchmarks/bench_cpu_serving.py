@@ -1,6 +1,7 @@
 """How a model answers on a CPU, each serving path side by side in one run: llama.cpp on
 GGUF files (export_model.py --gguf), bitsandbytes' packed kernel, its plain NF4 path, and
-the NF4 values unpacked to fp32 (the baseline: app.py's CPU path for adapters).
+the NF4 values unpacked to fp32 (the baseline: app.py's CPU path for adapters), and ONNX
+Runtime GenAI's int4 (a candidate measured, not chosen: PERFORMANCE.md).
 
     python benchmarks/bench_cpu_serving.py --model_dir outputs/tiny-phi
     taskset -c 0,1 python benchmarks/bench_cpu_serving.py --model_dir /tmp/phi2-shaped --runs 3 \
@@ -15,6 +16,7 @@ Each path loads in a process of its own (so peak RSS is its own):
   bitsandbytes repacks each layer for its bf16 inference kernel at the first forward;
   elsewhere it is the same as `nf4`.
 - `nf4`: the layout training keeps (`keep_4bit_trainable`): dequantised at each use.
+- `onnx DIR` (`--onnx`, run by `--onnx_python`): ONNX Runtime GenAI on its builder's folder.
 - `dequantized`: loaded in NF4, then `model.dequantize()` to fp32 nn.Linear layers: the
   same values as `nf4`, app.py's CPU default.
 Greedy, `--new_tokens` new tokens after one untimed call, at batch 1 (one request, as the
@@ -135,6 +137,55 @@ def gguf_child(path: str, new_tokens: int, runs: int, batch: int) -> dict:
             "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def onnx_child(folder: str, new_tokens: int, runs: int, batch: int) -> dict:
+    """ONNX Runtime GenAI on its model builder's folder (`-p int4 -e cpu`), greedy, token by
+    token through `og.Generator` as its examples do, with its own tokenizer (the table says
+    whether its prompt tokens are the others'). Batch: `batch` copies of the prompt."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from phi2qlora.chat import format_prompt
+
+    start = time.perf_counter()
+    threads = len(os.sched_getaffinity(0))  # as phi2qlora.gguf.load gives llama.cpp
+    config = og.Config(folder)
+    # Left to itself, ONNX Runtime 1.32 ran one thread on a 2-core VM (5.5 against 10.0 new
+    # tok/s at Phi-2's shape, 2026-12-05); both engines get the same cores.
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    prompt = [int(t) for t in og.Tokenizer(model).encode(format_prompt(PROMPT))]
+
+    def generate(rows: int, count: int) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, batch_size=rows, max_length=len(prompt) + count,
+                                  min_length=len(prompt) + count)  # no stop at the end of turn
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([prompt] * rows, dtype=np.int32))
+        tokens = []
+        while len(tokens) < count:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens
+
+    generate(1, 1)
+    load_s = time.perf_counter() - start
+    speeds, batched = [], []
+    for i in range(runs + 1):
+        t = time.perf_counter()
+        tokens = generate(1, new_tokens)
+        if i:  # the first run warms up
+            speeds.append(new_tokens / (time.perf_counter() - t))
+    for i in range(runs + 1 if batch > 1 else 0):
+        t = time.perf_counter()
+        row0 = generate(batch, new_tokens)
+        if i:
+            batched.append(batch * new_tokens / (time.perf_counter() - t))
+    return {"path": f"onnx {folder}", "avx512_bf16": None, "threads": threads, "load_s": load_s,
+            "tok_s": speeds, "tok_s_batch": batched or None,
+            "batch_row0_same": agreement(tokens, row0) if batched else None, "tokens": tokens, "prompt": prompt,
+            "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def page_child(paths: list[str], new_tokens: int, runs: int) -> dict:
     """Every GGUF loaded in one process, as the CPU Space's page holds them: its peak RSS and
     load time, and each model's speed with the others loaded."""
@@ -153,6 +204,8 @@ def child(path: str, model_dir: str, new_tokens: int, runs: int, batch: int) -> 
         return page_child(path.removeprefix("page ").split("|"), new_tokens, runs)
     if path.startswith("gguf "):
         return gguf_child(path, new_tokens, runs, batch)
+    if path.startswith("onnx "):
+        return onnx_child(path.removeprefix("onnx "), new_tokens, runs, batch)
     import torch
     from bitsandbytes.functional import has_avx512bf16
 
@@ -296,6 +349,10 @@ def main():
     p.add_argument("--gguf", nargs="*", default=[], help="GGUF files to serve with llama.cpp (export_model.py --gguf)")
     p.add_argument("--gguf_plain", nargs="*", default=[],
                    help="GGUF files on llama.cpp's plain kernels (no repacked weights: what a build with AMX kernels gets)")
+    p.add_argument("--onnx", nargs="*", default=[],
+                   help="ONNX Runtime GenAI model folders (its builder's, -p int4 -e cpu): a candidate not chosen")
+    p.add_argument("--onnx_python", default=sys.executable,
+                   help="the Python of a venv holding onnxruntime-genai (kept out of the project's requirements)")
     p.add_argument("--space", default=None, help="a Space folder (export_model.py --space) to start and query")
     p.add_argument("--space_python", default=sys.executable,
                    help="the Python of a venv holding the Space's requirements.txt")
@@ -307,8 +364,10 @@ def main():
         return
     results = {}
     pages = [f"page {'|'.join(args.gguf)}"] if len(args.gguf) > 1 else []
-    for path in [*args.paths, *(f"gguf {g}" for g in args.gguf), *(f"gguf plain {g}" for g in args.gguf_plain), *pages]:
-        run = subprocess.run([sys.executable, __file__, "--model_dir", args.model_dir, "--new_tokens",
+    for path in [*args.paths, *(f"gguf {g}" for g in args.gguf), *(f"gguf plain {g}" for g in args.gguf_plain),
+                 *(f"onnx {o}" for o in args.onnx), *pages]:
+        python = args.onnx_python if path.startswith("onnx ") else sys.executable
+        run = subprocess.run([python, __file__, "--model_dir", args.model_dir, "--new_tokens",
                               str(args.new_tokens), "--runs", str(args.runs), "--batch", str(args.batch),
                               "--_child", path], capture_output=True, text=True)
         if run.returncode:
@@ -340,19 +399,19 @@ def main():
         same = agreement(reference["tokens"], r["tokens"])
         dlogit = (max(abs(a - b) for a, b in zip(reference["last_logits"], r["last_logits"]))
                   if r["last_logits"] and reference["last_logits"] else None)
-        r.update(same_tokens=same, max_abs_dlogit=dlogit)
+        r.update(same_tokens=same, same_prompt=r["prompt"] == reference["prompt"], max_abs_dlogit=dlogit)
         batched = f"{statistics.median(r['tok_s_batch']):.2f}" if r["tok_s_batch"] else "-"
-        if r.get("batch_row0_same") is not None:  # llama.cpp: its batched row 0 against its batch 1
+        if r.get("batch_row0_same") is not None:  # llama.cpp, ONNX: the batched row 0 against batch 1
             batched += f" (row 0: {r['batch_row0_same']}/{args.new_tokens} tokens as batch 1)"
         print(f"| {path} | {statistics.median(r['tok_s']):.2f} ({min(r['tok_s']):.2f}-{max(r['tok_s']):.2f}) | "
               f"{batched} | {r['peak_rss_gib']:.2f} | {r['load_s']:.1f} | "
-              f"{'yes' if r['prompt'] == reference['prompt'] else 'no'} | {same}/{len(reference['tokens'])} | "
+              f"{'yes' if r['same_prompt'] else 'no'} | {same}/{len(reference['tokens'])} | "
               f"{'-' if dlogit is None else f'{dlogit:.2e}'} |")
     if page:
         print(f"{page['path']}: in one process, loaded in {page['load_s']:.1f} s, peak RSS {page['peak_rss_gib']:.2f} "
               "GiB, new tok/s each " + ", ".join(f"{s:.2f}" for s in page["tok_s_each"]))
         results["page"] = page
-    products = product_ms() if any(not p.startswith(("gguf", "page")) for p in results) else {}
+    products = product_ms() if any(not p.startswith(("gguf", "page", "onnx")) for p in results) else {}
     if products:
         print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
     for r in results.values():

@@ -281,3 +281,28 @@ def test_answers_stream_into_their_columns(exported):
     growing = [u for u in updates if u]
     assert len(set(growing)) >= 5 and all(final.startswith(u) for u in growing)
     assert final == greedy_answers(columns[0].model, ["Give me three tips for a job interview."], 32)[0]["answer"]
+
+
+def test_the_cpu_serving_benchmark_times_every_path(exported, tmp_path):
+    """benchmarks/bench_cpu_serving.py at tiny scale: the fp32 baseline, llama.cpp at batch 1
+    and 2 (one decode a step over both rows), and the page of two GGUFs in one process."""
+    gguf = exported / "merged-gguf"
+    out = tmp_path / "bench"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_serving.py"),
+                          "--model_dir", str(exported / "merged"), "--runs", "2", "--new_tokens", "6",
+                          "--batch", "2", "--paths", "dequantized",
+                          "--gguf", str(gguf / "sft-f16.gguf"), str(gguf / "sft-q8_0.gguf"), "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    paths = results["paths"]
+    assert set(paths) == {"dequantized", f"gguf {gguf / 'sft-f16.gguf'}", f"gguf {gguf / 'sft-q8_0.gguf'}", "page"}
+    for name in ("dequantized", f"gguf {gguf / 'sft-f16.gguf'}", f"gguf {gguf / 'sft-q8_0.gguf'}"):
+        r = paths[name]
+        assert len(r["tok_s"]) == 2 and min(r["tok_s"]) > 0 and len(r["tok_s_batch"]) == 2, name
+        assert len(r["tokens"]) == 6 and r["same_prompt"] and r["peak_rss_gib"] > 0, name
+    f16 = paths[f"gguf {gguf / 'sft-f16.gguf'}"]
+    assert f16["batch_row0_same"] >= 1  # the batched decode answers row 0's prompt, not another row's
+    assert len(paths["page"]["tok_s_each"]) == 2
+    assert set(results["product_ms"]) == {"fp32", "nf4", "nf4 packed"}
+    assert "| dequantized |" in run.stdout
