@@ -45,23 +45,34 @@ PATHS = ("dequantized", "nf4", "nf4 packed")  # and "gguf FILE" for each --gguf
 PROMPT = "Explain why the sky is blue in under 50 words."
 
 
+def timed(call, runs: int) -> tuple[list[float], object]:
+    """`call()` once to warm up, then `runs` times: the seconds each took, and the last result."""
+    call()
+    seconds, result = [], None
+    for _ in range(runs):
+        t = time.perf_counter()
+        result = call()
+        seconds.append(time.perf_counter() - t)
+    return seconds, result
+
+
 def gguf_timed(llm, new_tokens: int, runs: int) -> tuple[list[float], list[int], list[int]]:
     """New tok/s of `runs` greedy generations after an untimed one (no stop at the end of
     turn: the same number of tokens each run), their tokens, and the prompt's."""
     from phi2qlora.gguf import prompt_tokens
 
     prompt = prompt_tokens(llm, PROMPT)
-    speeds, tokens = [], []
-    for i in range(runs + 1):
-        t = time.perf_counter()
+
+    def generate() -> list[int]:
         tokens = []
         for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
             tokens.append(token)
             if len(tokens) == new_tokens:
                 break
-        if i:
-            speeds.append(new_tokens / (time.perf_counter() - t))
-    return speeds, tokens, prompt
+        return tokens
+
+    seconds, tokens = timed(generate, runs)
+    return [new_tokens / s for s in seconds], tokens, prompt
 
 
 def gguf_batched(llm, new_tokens: int, runs: int, batch: int) -> tuple[list[float], list[int]]:
@@ -94,25 +105,22 @@ def gguf_batched(llm, new_tokens: int, runs: int, batch: int) -> tuple[list[floa
         return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
                 for i in range(len(entries))]
 
-    speeds = []
+    def generate() -> list[int]:  # row 0's tokens
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        firsts = decode([(t, pos, seq) for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
+        tokens = [firsts[sum(map(len, prompts[: seq + 1])) - 1] for seq in range(batch)]
+        first_row = [tokens[0]]
+        for step in range(new_tokens - 1):
+            tokens = decode([(t, len(prompts[seq]) + step, seq) for seq, t in enumerate(tokens)])
+            first_row.append(tokens[0])
+        return first_row
+
     try:
-        for i in range(runs + 1):
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            start = time.perf_counter()
-            entries = [(t, pos, seq) for seq, p in enumerate(prompts) for pos, t in enumerate(p)]
-            firsts = decode(entries)
-            last = [sum(map(len, prompts[: seq + 1])) - 1 for seq in range(batch)]
-            tokens = [firsts[j] for j in last]
-            first_row = [tokens[0]]
-            for step in range(new_tokens - 1):
-                tokens = decode([(t, len(prompts[seq]) + step, seq) for seq, t in enumerate(tokens)])
-                first_row.append(tokens[0])
-            if i:  # the first run warms up
-                speeds.append(batch * new_tokens / (time.perf_counter() - start))
+        seconds, first_row = timed(generate, runs)
     finally:
         llama_cpp.llama_batch_free(rows)
         llama_cpp.llama_free(ctx)
-    return speeds, first_row
+    return [batch * new_tokens / s for s in seconds], first_row
 
 
 def gguf_child(path: str, new_tokens: int, runs: int, batch: int) -> dict:
@@ -169,20 +177,12 @@ def onnx_child(folder: str, new_tokens: int, runs: int, batch: int) -> dict:
 
     generate(1, 1)
     load_s = time.perf_counter() - start
-    speeds, batched = [], []
-    for i in range(runs + 1):
-        t = time.perf_counter()
-        tokens = generate(1, new_tokens)
-        if i:  # the first run warms up
-            speeds.append(new_tokens / (time.perf_counter() - t))
-    for i in range(runs + 1 if batch > 1 else 0):
-        t = time.perf_counter()
-        row0 = generate(batch, new_tokens)
-        if i:
-            batched.append(batch * new_tokens / (time.perf_counter() - t))
+    seconds, tokens = timed(lambda: generate(1, new_tokens), runs)
+    batched, row0 = timed(lambda: generate(batch, new_tokens), runs) if batch > 1 else (None, None)
     return {"path": f"onnx {folder}", "avx512_bf16": None, "threads": threads, "load_s": load_s,
-            "tok_s": speeds, "tok_s_batch": batched or None,
-            "batch_row0_same": agreement(tokens, row0) if batched else None, "tokens": tokens, "prompt": prompt,
+            "tok_s": [new_tokens / s for s in seconds],
+            "tok_s_batch": batched and [batch * new_tokens / s for s in batched],
+            "batch_row0_same": row0 and agreement(tokens, row0), "tokens": tokens, "prompt": prompt,
             "last_logits": None, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -222,15 +222,10 @@ def child(path: str, model_dir: str, new_tokens: int, runs: int, batch: int) -> 
     with torch.no_grad():
         logits = model(**enc).logits[0, -1].tolist()  # also repacks, for the packed path
     load_s = time.perf_counter() - start
-    seconds, tokens = [], None
     with torch.no_grad():
-        for i in range(runs + 1):
-            t = time.perf_counter()
-            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            if i:  # the first call warms up
-                seconds.append(time.perf_counter() - t)
-            tokens = out[0, enc["input_ids"].shape[1]:].tolist()
+        seconds, out = timed(lambda: model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                    do_sample=False, pad_token_id=tokenizer.pad_token_id), runs)
+        tokens = out[0, enc["input_ids"].shape[1]:].tolist()
         batched = tokenizer([format_prompt(PROMPT)] * batch, return_tensors="pt", add_special_tokens=False)
         batch_s = []
         for _ in range(runs if batch > 1 else 0):
@@ -279,19 +274,14 @@ def space_run(folder: str, python: str, new_tokens: int) -> dict:
     holding its requirements.txt): seconds until it serves, one request of `new_tokens` to
     every column through gradio_client (prompt included, streamed), and the process's peak
     RSS (VmHWM)."""
-    import socket
-
     from gradio_client import Client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("PYTHONPATH", None)
+    from phi2qlora.space import start_space
+
+    if not (Path(folder) / "app.py").is_file():
+        sys.exit(f"--space {folder}: no app.py there; export_model.py --space DIR writes a Space folder")
     start = time.perf_counter()
-    proc = subprocess.Popen([python, "-s", "app.py"], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    proc, port = start_space(Path(folder), python)
     try:
         client = None
         while client is None and proc.poll() is None and time.perf_counter() - start < 300:
@@ -374,15 +364,15 @@ def main():
             sys.exit(f"{path}: failed\n{run.stderr[-3000:]}")
         results[path] = json.loads(run.stdout.strip().splitlines()[-1])
     page = results.pop(pages[0], None) if pages else None
-    if args.space:
-        space = space_run(args.space, args.space_python, args.new_tokens)
+    space = space_run(args.space, args.space_python, args.new_tokens) if args.space else None
+    if space:
         print(f"{space['path']}: serving {space['serving_s']:.1f} s after start; one request of {args.new_tokens} new "
               f"tokens to each of its {space['columns']} columns in {space['answer_s']:.1f} s "
               f"({space['tok_s_each']:.2f} new tok/s each, prompt and streaming included"
               f"{'' if space['all_answers_full_length'] else '; an answer ended early: fewer tokens'}); "
               f"peak RSS {space['peak_rss_gib']:.2f} GiB")
     if not results:
-        write_results(args.out, {"space": space}, {})
+        write_results(args.out, {"space": space} if space else {}, {})
         return
     reference = results.get("dequantized") or next(iter(results.values()))
     flags = cpu_flags()
@@ -411,13 +401,13 @@ def main():
         print(f"{page['path']}: in one process, loaded in {page['load_s']:.1f} s, peak RSS {page['peak_rss_gib']:.2f} "
               "GiB, new tok/s each " + ", ".join(f"{s:.2f}" for s in page["tok_s_each"]))
         results["page"] = page
-    products = product_ms() if any(not p.startswith(("gguf", "page", "onnx")) for p in results) else {}
+    products = product_ms() if any(p in PATHS for p in results) else {}  # transformers paths
     if products:
         print("one 2560 x 10240 product for one token, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in products.items()))
     for r in results.values():
         r.pop("last_logits", None)
         r.pop("prompt", None)
-    if args.space:
+    if space:
         results["space"] = space
     write_results(args.out, results, products)
 

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -121,3 +124,17 @@ def add_to_space(space: Path, gguf: Path) -> Path:
     print(f"[export] Space folder {space}: {len(files)} model(s); upload it as a Gradio Space "
           f"(huggingface-cli upload USER/SPACE {space} --repo-type space)")
     return space
+
+
+def start_space(folder: Path, python, capture: bool = False) -> tuple[subprocess.Popen, int]:
+    """`python app.py` in a Space folder as a Space runs it: from the folder, with `python`
+    from a venv holding its requirements.txt and none of this project's paths, on a free
+    port of 127.0.0.1 (returned). `capture`: its output as text on `stdout`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([str(python), "-s", "app.py"], cwd=folder, env=env, text=capture,
+                            stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return proc, port

@@ -24,7 +24,8 @@ pytest.importorskip("llama_cpp", reason="pip install -r requirements-serve.txt (
 import export_model  # noqa: E402
 from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS, END, format_prompt  # noqa: E402
 from phi2qlora.gguf import CONVERTER_HOME, greedy_answers, llama_cpp_version, load  # noqa: E402
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, free_port, listening_addresses  # noqa: E402
+from phi2qlora.space import start_space  # noqa: E402
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, listening_addresses  # noqa: E402
 
 if not (CONVERTER_HOME / f"llama-cpp-python-{llama_cpp_version()}" / "convert_hf_to_gguf.py").is_file():
     pytest.skip("llama.cpp's converter is not unpacked: python tools/fetch_gguf_converter.py (README)",
@@ -156,20 +157,10 @@ def installed(python) -> set[str]:
     return {canonicalize_name(d["name"]) for d in json.loads(listing)}
 
 
-def space_process(space: Path, port: int, python) -> subprocess.Popen:
-    """`python app.py` in the Space folder, as a Space runs it: from its own folder, with
-    the Space's venv."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
-    return subprocess.Popen([str(python), "-s", "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.fixture(scope="module")
 def space(exported, space_python):
     folder = exported / "space"
-    port = free_port()
-    proc = space_process(folder, port, space_python)
+    proc, port = start_space(folder, space_python, capture=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline and not listening_addresses(port):
@@ -244,7 +235,7 @@ def test_a_bad_model_file_in_the_space_is_one_line(exported, space_python, tmp_p
     folder = tmp_path / "space"
     shutil.copytree(exported / "space", folder)
     (folder / "models" / "sft-q8_0.gguf").write_bytes(b"not a model")
-    proc = space_process(folder, free_port(), space_python)
+    proc, _ = start_space(folder, space_python, capture=True)
     out, _ = proc.communicate(timeout=120)
     lines = [line for line in out.strip().splitlines() if line]
     assert proc.returncode == 2, out
