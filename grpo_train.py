@@ -27,6 +27,7 @@ from phi2qlora import rollouts
 from phi2qlora.args import GRPOScriptArguments, parse_recipe
 from phi2qlora.chat import format_prompt
 from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.fast_training import use_fast_training
 from phi2qlora.files import check_adapter_folder, check_limit, file_sha256, read_prompt_rows
 from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, model_kwargs, pick_dtype
 from phi2qlora.rewards import REWARD_FUNCS, make_reward_funcs, reward_weights, word_limit_compliance, word_limit_reward
@@ -167,6 +168,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
         callbacks=list(callbacks),
     )
     restore_sft_weights(trainer.model, sft_weights)
+    use_fast_training(trainer.model, script_args.fast_training, log=print if trainer.is_world_process_zero() else None)
     if script_args.preview_steps > 0:
         trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
                                              every=script_args.preview_steps,

@@ -27,6 +27,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from phi2qlora.args import SFTScriptArguments, parse_recipe
 from phi2qlora.chat import END, ROLE_TOKENS, chat_token_ids, reserved_text_in
 from phi2qlora.errors import InputError, exit_on_input_error
+from phi2qlora.fast_training import use_fast_training
 from phi2qlora.files import check_limit, read_jsonl_rows, read_prompt_rows
 from phi2qlora.model import (
     fix_lm_head_bias,
@@ -126,6 +127,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
                                              fast=script_args.fast_previews))
     fix_lm_head_bias(trainer.model)
     upcast_trainable_params(trainer.model)
+    use_fast_training(trainer.model, script_args.fast_training, log=print if trainer.is_world_process_zero() else None)
     if trainer.is_world_process_zero():
         trainer.model.print_trainable_parameters()
 

@@ -11,6 +11,7 @@ import difflib
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 from phi2qlora.errors import InputError
 from phi2qlora.files import check_model_source
@@ -30,6 +31,11 @@ class RunArguments:
     )
     resume: bool = field(
         default=True, metadata={"help": "continue from the latest complete checkpoint in output_dir, if any"}
+    )
+    fast_training: Literal["auto", "true", "false", "compile"] = field(
+        default="auto", metadata={"help": "train through phi2qlora/fast_training.py's Phi-2 layers (true), the generic "
+                                          "PEFT + bitsandbytes layers (false), the fast layers with torch.compile "
+                                          "(compile), or auto: the fast layers on a verified GPU; a run prints which"}
     )
 
 

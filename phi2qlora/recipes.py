@@ -163,8 +163,8 @@ def _fits(value, annotation) -> bool:
         if choices is not None and isinstance(value, str):
             return value in choices
         return any(_fits(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
+    if origin is typing.Literal:  # YAML reads `true` as a boolean: it fits a "true" choice
+        return value in args or (isinstance(value, bool) and str(value).lower() in args)
     if origin in (list, tuple, set):
         return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
     if origin is dict or annotation is dict:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from phi2qlora import phi2
+
 CHECK_DONE_EVERY = 16  # decode steps between the (synchronising) "all answers ended?" checks
 CACHE_STEP = 32  # the cache's length rounds up to this (aligned rows for the attention kernel)
 # Attention reads the cache up to the next multiple of this: one captured graph per length.
@@ -79,10 +81,8 @@ def _merge_linear_into(out, module) -> None:
     """Write a linear layer's effective weight into `out`: the base (dequantised if 4-bit)
     plus scaling x B @ A of each active LoRA adapter, one matrix product each."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils.integrations import dequantize_module_weight
 
-    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    out.copy_(dequantize_module_weight(base))
+    phi2.base_weight_into(module, out)
     if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
         for name in module.active_adapters:
             if name in module.lora_A:
@@ -122,7 +122,7 @@ def merged_weights(model, dtype) -> dict:
     layers = []
     for layer in base.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        ins = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc1)
+        ins = phi2.input_modules(layer)  # [q | k | v | fc1], the training layers' layout too
         w_in = torch.empty(3 * hidden + inter, hidden, dtype=dtype, device=device)
         for i, module in enumerate(ins):
             _merge_linear_into(w_in[i * hidden: i * hidden + module.out_features], module)
@@ -137,33 +137,22 @@ def merged_weights(model, dtype) -> dict:
                        "act": mlp.activation_fn})
     norm, rotary = base.model.final_layernorm, base.model.rotary_emb
     heads = base.config.num_attention_heads
-    head_dim, rot = hidden // heads, 2 * rotary.inv_freq.numel()
-    rotate_half = torch.zeros(rot, rot, dtype=dtype, device=device)  # x @ rotate_half == cat(-x2, x1)
-    rotate_half[torch.arange(rot // 2, rot), torch.arange(rot // 2)] = -1
-    rotate_half[torch.arange(rot // 2), torch.arange(rot // 2, rot)] = 1
     return {"layers": layers, "embed": _token_weight(base.model.embed_tokens, dtype)[0],
             "final_ln": (norm.weight.to(dtype), norm.bias.to(dtype), norm.eps),
-            "lm_head": _token_weight(base.lm_head, dtype), "rotate_half": rotate_half,
-            "eye": torch.eye(head_dim, dtype=dtype, device=device),
+            "lm_head": _token_weight(base.lm_head, dtype),
             "inv_freq": rotary.inv_freq.float(), "rope_scale": float(getattr(rotary, "attention_scaling", 1.0)),
-            "heads": heads, "head_dim": head_dim, "rotary_dim": rot, "hidden": hidden}
+            "heads": heads, "head_dim": hidden // heads, "hidden": hidden}
 
 
 # ---------------------------------------------------------------------------------------
 # 2. Phi's forward over a static KV cache
 # ---------------------------------------------------------------------------------------
 def _rotations(positions, w, dtype):
-    """The partial rotary embedding as one matrix a position, [N, head_dim, head_dim]:
-    x @ M equals Phi's x * cos + rotate_half(x) * sin on the first `rotary_dim` dims and
-    leaves the rest, so q and k of every head turn in one batched product, read in place."""
+    """The partial rotary embedding as one matrix a position, [N, head_dim, head_dim]
+    (`phi2.rotation_matrices`), from Phi's cos and sin at `positions`."""
     freqs = positions.float()[:, None] * w["inv_freq"]
     angles = torch.cat((freqs, freqs), dim=-1)
-    cos = (angles.cos() * w["rope_scale"]).to(dtype)
-    sin = (angles.sin() * w["rope_scale"]).to(dtype)
-    rot = w["rotary_dim"]
-    turn = w["eye"].expand(len(positions), -1, -1).clone()
-    turn[:, :rot, :rot] = torch.diag_embed(cos) + w["rotate_half"] * sin[:, None, :]
-    return turn
+    return phi2.rotation_matrices(angles.cos() * w["rope_scale"], angles.sin() * w["rope_scale"], w["head_dim"], dtype)
 
 
 def forward(w: dict, cache: list, tokens, positions, columns, mask, attend: int | None = None):
@@ -180,7 +169,7 @@ def forward(w: dict, cache: list, tokens, positions, columns, mask, attend: int 
     mask = mask[..., :attend]
     for lw, kv in zip(w["layers"], cache):
         y = F.linear(F.layer_norm(x, (hidden,), *lw["ln"]), lw["w_in"], lw["b_in"])  # [q | k | v | fc1]
-        qk = torch.bmm(y[:, :2 * hidden].view(rows, 2 * heads, head_dim), turn).view(batch, length, 2, heads, head_dim)
+        qk = phi2.turn_heads(y[:, :2 * hidden].view(rows, 2 * heads, head_dim), turn).view(batch, length, 2, heads, head_dim)
         v = y[:, 2 * hidden: 3 * hidden].view(batch, length, heads, head_dim)
         kv[:, 0].index_copy_(2, columns, qk[:, :, 1].transpose(1, 2))
         kv[:, 1].index_copy_(2, columns, v.transpose(1, 2))
