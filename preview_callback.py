@@ -37,6 +37,7 @@ class PreviewCallback(TrainerCallback):
         self.max_share = max_share  # of the training time, for the previews between the first and the last (0: no cap)
         self.last_step = None
         self.seconds = 0.0  # time spent generating, to weigh against training time
+        self.durations = []  # each preview's seconds
         self.last_seconds = None
         self.started = None
         self.skipped = 0
@@ -74,6 +75,7 @@ class PreviewCallback(TrainerCallback):
         answers = generate_answers(model, self.tokenizer, self.prompts, self.max_new_tokens, fast=self.fast)
         self.last_seconds = time.perf_counter() - start
         self.seconds += self.last_seconds
+        self.durations.append(self.last_seconds)
         self.write(state.global_step, answers)
         return answers
 

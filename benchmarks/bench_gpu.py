@@ -162,6 +162,46 @@ JOBS = {
              why="app.py's columns on a GPU: NF4 base, two adapters taking turns, answers streamed in fp16"),
     ],
 }
+# The fast Phi-2 training layers (phi2qlora/fast_training.py) against plain TRL and the generic
+# path, in one run; "match" jobs log every step's loss without dropout, compared in the table.
+FAST_LAYERS = ["--fast_training", "true"]
+MATCH = ["--lora_dropout", "0.0", "--logging_steps", "1"]
+CEILINGS = dict(name="ceilings", kind="ceilings", why="this GPU's matrix FLOP/s and copy bytes/s, for the T4 projection")
+JOBS["fast"] = [
+    CEILINGS,
+    sft_job("trl-defaults 3", plain=True, why="plain SFTTrainer, batch 8, checkpointing: the baseline of this run"),
+    sft_job("g64 ckpt generic", grouped(64, True), gelu="tanh", profile=True,
+            why="the generic path's best within 14 GiB (run 3's #13)"),
+    sft_job("g64 ckpt fast", grouped(64, True, *FAST_LAYERS), gelu="tanh", profile=True,
+            why="the fast layers: a few dozen kernels a layer instead of hundreds, no fp32 casts between "
+                "products: ~2x the generic path (its GPU time ~47 us a token against ~73)"),
+    sft_job("g64 ckpt compile", grouped(64, True, "--fast_training", "compile"), gelu="tanh",
+            why="the fast layers' elementwise work under torch.compile (dynamic shapes): +10-20%"),
+    sft_job("g64 fast no-ckpt", grouped(64, False, *FAST_LAYERS), gelu="tanh",
+            why="memory free: no recompute, a third fewer FLOPs"),
+    sft_job("bf16 g64 fast no-ckpt", grouped(64, False, "--load_in_4bit", "false", *FAST_LAYERS), gelu="tanh",
+            why="memory free, 16-bit base: no dequantisation"),
+    dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, why="the T4 recipe with fast rollouts, generic layers"),
+    dict(name="grpo-step fast layers", kind="grpo", steps=6, warmup=1, args=FAST_LAYERS,
+         why="the same with the fast layers: the policy's forward and backward ~2x faster"),
+    sft_job("match generic", grouped(16, True, *MATCH), gelu="tanh", steps=20, warmup=0, no_dropout=True,
+            why="20 optimizer steps' losses, no dropout, generic layers"),
+    sft_job("match fast", grouped(16, True, *MATCH, *FAST_LAYERS), gelu="tanh", steps=20, warmup=0, no_dropout=True,
+            compare_to="match generic", why="the same steps on the fast layers"),
+]
+JOBS["t4 fast"] = [
+    CEILINGS,
+    sft_job("t4 sft recipe generic", ["--fast_training", "false"], preview=True, steps=30, warmup=5,
+            recipe_as_is=True, profile=True, why="recipes/sft_phi2_t4.yaml, generic layers, fp16, 15 GiB cap"),
+    sft_job("t4 sft recipe fast", FAST_LAYERS, preview=True, steps=30, warmup=5, recipe_as_is=True, profile=True,
+            why="the same on the fast layers"),
+    dict(name="t4 grpo recipe fast", kind="grpo", steps=30, warmup=1, args=FAST_LAYERS,
+         why="recipes/grpo_phi2_t4.yaml on the fast layers, fp16, 15 GiB cap"),
+    sft_job("t4 match generic", grouped(16, True, *MATCH, "--fast_training", "false"), gelu="tanh", steps=20,
+            warmup=0, no_dropout=True, why="20 steps' losses in fp16, no dropout, generic layers"),
+    sft_job("t4 match fast", grouped(16, True, *MATCH, *FAST_LAYERS), gelu="tanh", steps=20, warmup=0,
+            no_dropout=True, compare_to="t4 match generic", why="the same steps on the fast layers, fp16"),
+]
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
 
 
@@ -212,18 +252,19 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def model_variant(model_dir: Path, hidden_act: str) -> Path:
-    """The same weights with another activation in config.json (files linked, not copied)."""
-    if hidden_act == "gelu_new":
+def model_variant(model_dir: Path, hidden_act: str, **config) -> Path:
+    """The same weights with another activation (and any other `config` values) in
+    config.json (files linked, not copied)."""
+    if hidden_act == "gelu_new" and not config:
         return model_dir
-    out = model_dir.parent / f"{model_dir.name}-{hidden_act}"
+    out = model_dir.parent / "-".join([model_dir.name, hidden_act, *(f"{k}{v}" for k, v in sorted(config.items()))])
     out.mkdir(exist_ok=True)
     for f in model_dir.iterdir():
         if f.name != "config.json" and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
-    config = json.loads((model_dir / "config.json").read_text())
-    config["hidden_act"] = hidden_act
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    values = json.loads((model_dir / "config.json").read_text())
+    values.update(hidden_act=hidden_act, **config)
+    (out / "config.json").write_text(json.dumps(values, indent=2))
     return out
 
 
@@ -296,10 +337,14 @@ def write_profile(prof, steps: int, out: Path | None) -> dict:
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    by_kind = {"products": 0.0, "other": 0.0}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] += device_us(e) / steps / 1e3
     summary = {
         "steps": steps,
         "kernels_per_step": sum(e.count for e in kernels) / steps,
         "gpu_busy_ms_per_step": sum(device_us(e) for e in kernels) / steps / 1e3,
+        "gpu_ms_by_kind": by_kind,
         "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
         "top_gpu": [(e.key[:90], e.count // steps, round(device_us(e) / steps / 1e3, 2))
                     for e in sorted(kernels, key=device_us, reverse=True)[:15]],
@@ -310,6 +355,76 @@ def write_profile(prof, steps: int, out: Path | None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# Kernels whose time goes to arithmetic (matrix products, attention): the T4 projection scales
+# them by FLOP/s; every other kernel (elementwise, casts, copies, reductions, dequantisation)
+# by memory bandwidth.
+PRODUCT_KERNELS = ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "matmul", "fmha", "flash", "attention",
+                   "sdpa", "wgmma")
+# A T4 as the projection sees it: fp16 tensor-core products sustained at ~25 TFLOP/s (of 65
+# peak), memory at ~320 GB/s (the datasheet), the estimates the issue and PERFORMANCE.md use.
+T4_FLOPS, T4_BYTES_S = 25e12, 320e9
+
+
+def kernel_kind(name: str) -> str:
+    return "products" if any(k in name.lower() for k in PRODUCT_KERNELS) else "other"
+
+
+def t4_projection(result: dict, ceilings: dict) -> dict:
+    """A T4's step time for a job profiled on this GPU: its product kernels' time scaled by
+    this GPU's measured matrix rate over a T4's, the rest by the bandwidths' ratio. Host time
+    is left out: a T4 is GPU-bound (~4 s a step for the T4 recipe)."""
+    kinds = result.get("gpu_ms_by_kind")
+    if not kinds or not ceilings or not result.get("tokens_per_step"):
+        return {}
+    step_ms = (kinds["products"] * ceilings["matmul_flops"] / T4_FLOPS
+               + kinds["other"] * ceilings["copy_bytes_s"] / T4_BYTES_S)
+    return {"t4_step_s": step_ms / 1e3, "t4_tok_s": result["tokens_per_step"] / (step_ms / 1e3),
+            "gpu_us_per_token": (kinds["products"] + kinds["other"]) * 1e3 / result["tokens_per_step"]}
+
+
+def run_ceilings(job: dict, ctx: dict) -> dict:
+    """This GPU's two ceilings in the run's dtype (METHOD: measure them, don't take the
+    datasheet's): a large matrix product's FLOP/s and a large device copy's bytes/s (read +
+    written), each the median of 20 timed repeats after warm-up."""
+    import torch
+
+    dtype = torch.float16 if ctx["t4"] else torch.bfloat16
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    src = torch.randn(2**28, device="cuda", dtype=dtype)  # 512 MiB
+    dst = torch.empty_like(src)
+
+    def median_s(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    return {"matmul_flops": 2 * n**3 / median_s(lambda: a @ b),
+            "copy_bytes_s": 2 * src.numel() * src.element_size() / median_s(lambda: dst.copy_(src)),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def compare_losses(results: list[dict], jobs: list[dict]) -> None:
+    """For each job with `compare_to`: its logged losses against the other job's, step by step."""
+    by_name = {r["name"]: r for r in results}
+    for job in jobs:
+        other, mine = by_name.get(job.get("compare_to")), by_name.get(job["name"])
+        if not (other and mine and other.get("losses") and mine.get("losses")):
+            continue
+        pairs = list(zip(mine["losses"], other["losses"]))
+        mine["loss_match"] = {"vs": other["name"], "steps": len(pairs),
+                              "max_abs": max(abs(a - b) for a, b in pairs),
+                              "max_rel": max(abs(a - b) / abs(b) for a, b in pairs)}
 
 
 def summarize(times: list[float], tokens: list[int] | None = None) -> dict:
@@ -360,7 +475,10 @@ def run_sft(job: dict, ctx: dict) -> dict:
     out_dir = Path(ctx["work"]) / slug(job["name"])
     timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json")
     total = warmup + measure + profile
-    model_dir = model_variant(Path(ctx["model_dir"]), "gelu_pytorch_tanh" if job["gelu"] == "tanh" else "gelu_new")
+    # Loss-match jobs run without dropout (Phi-2's resid_pdrop too): the paths draw their CUDA
+    # masks differently, so only dropout-free losses can be held to a tolerance.
+    model_dir = model_variant(Path(ctx["model_dir"]), "gelu_pytorch_tanh" if job["gelu"] == "tanh" else "gelu_new",
+                              **({"resid_pdrop": 0.0} if job.get("no_dropout") else {}))
     if local_rank() == 0:
         shutil.rmtree(out_dir, ignore_errors=True)  # no resume, no previews left from an earlier run
     if world_size() > 1:
@@ -380,7 +498,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
         result.update(preview_share(trainer, out_dir, result.get("step_s"), ctx["sft_recipe"]))
     if profile and (Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").is_file():
         prof = json.loads((Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").read_text())
-        result.update(kernels_per_step=prof["kernels_per_step"], gpu_busy_ms_per_step=prof["gpu_busy_ms_per_step"])
+        result.update(kernels_per_step=prof["kernels_per_step"], gpu_busy_ms_per_step=prof["gpu_busy_ms_per_step"],
+                      gpu_ms_by_kind=prof["gpu_ms_by_kind"])
     return result
 
 
@@ -437,10 +556,14 @@ def preview_share(trainer, out_dir: Path, step_s: float | None, recipe: str) -> 
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, PreviewCallback)]
     with open(out_dir / "previews.jsonl", encoding="utf-8") as f:
         previews = len({json.loads(line)["step"] for line in f})
-    per_preview = callback.seconds / max(previews, 1)
+    # The first preview of a process also builds cuDNN's attention plan and warms the
+    # allocator; a run of thousands of steps pays that once. The share is the later ones'.
+    durations = callback.durations
+    per_preview = statistics.median(durations[1:]) if len(durations) > 1 else callback.seconds / max(previews, 1)
     every = recipe_value(recipe, "preview_steps")
     share = per_preview / (per_preview + every * step_s) if step_s else None
-    return {"preview_s": per_preview, "previews": previews, "preview_every": every, "preview_share": share}
+    return {"preview_s": per_preview, "preview_first_s": durations[0] if durations else None, "previews": previews,
+            "preview_every": every, "preview_share": share}
 
 
 def recipe_value(path: Path, key: str):
@@ -596,9 +719,10 @@ def run_app(job: dict, ctx: dict) -> dict:
             "streams_ok": all(c["grew"] and c["same_as_generate"] for c in per_column.values())}
 
 
-RUNNERS = {"sft": run_sft, "rollout": run_rollout, "grpo": run_grpo, "export": run_export, "app": run_app}
+RUNNERS = {"sft": run_sft, "rollout": run_rollout, "grpo": run_grpo, "export": run_export, "app": run_app,
+           "ceilings": run_ceilings}
 # A job needs about this much on an H100; skipped with less.
-MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120, "export": 60, "app": 45}
+MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120, "export": 60, "app": 45, "ceilings": 15}
 
 
 # ---------------------------------------------------------------------------------------
@@ -721,10 +845,20 @@ def table(results: list[dict]) -> str:
             notes.append(f"b{r['batch']}{' ckpt' if r['grad_ckpt'] else ''}{' pack' if r['packing'] else ''} "
                          f"{r['activation']}" + ("" if r.get("finite", True) else " NaN!"))
         if r.get("preview_s") is not None:
-            notes.append(f"preview {r['preview_s']:.1f} s = {100 * (r['preview_share'] or 0):.1f}% "
+            first = f" (first {r['preview_first_s']:.1f} s)" if r.get("preview_first_s") else ""
+            notes.append(f"preview {r['preview_s']:.2f} s{first} = {100 * (r['preview_share'] or 0):.1f}% "
                          f"at every {r['preview_every']}")
         if r.get("kernels_per_step"):
             notes.append(f"{r['kernels_per_step']:.0f} kernels/step, GPU busy {r['gpu_busy_ms_per_step']:.0f} ms")
+        if r.get("t4_tok_s"):
+            notes.append(f"{r['gpu_us_per_token']:.0f} us GPU a token -> T4 projection {r['t4_tok_s']:.0f} tok/s")
+        if r.get("loss_match"):
+            m = r["loss_match"]
+            notes.append(f"losses vs {m['vs']}: {m['steps']} steps, max diff {m['max_abs']:.2g} "
+                         f"({100 * m['max_rel']:.2g}%)")
+        if r["kind"] == "ceilings":
+            notes.append(f"{r['dtype']} products {r['matmul_flops'] / 1e12:.0f} TFLOP/s, "
+                         f"copy {r['copy_bytes_s'] / 1e9:.0f} GB/s")
         if r.get("greedy_rows_same") is not None:
             notes.append(f"greedy vs plain: first token {100 * r['greedy_first_token_same']:.0f}% same, "
                          f"{r['greedy_tokens_same_before_first_difference']:.1f} tokens before a difference; "
@@ -824,6 +958,10 @@ def main(argv=None) -> list[dict]:
                 print(f"[bench] no adapter: {result.get('error')}", flush=True)
             continue
         results.append(result)
+        compare_losses(results, jobs)
+        ceilings = next((r for r in results if r["kind"] == "ceilings" and r.get("ok")), {})
+        for r in results:
+            r.update(t4_projection(r, ceilings))
         if not distributed or int(os.environ.get("RANK", 0)) == 0:
             from phi2qlora.files import write_atomic
 

@@ -298,53 +298,86 @@ class FastPhiLayer:
             return self._generic_class.forward(self, hidden_states, attention_mask=attention_mask,
                                                position_ids=position_ids, use_cache=use_cache,
                                                position_embeddings=position_embeddings, **kwargs)
-        forward = _compiled_forward() if self._fast_compile else FastPhiLayer._fast_forward
         with torch.autocast(hidden_states.device.type, enabled=False):
-            return forward(self, hidden_states, attention_mask, position_embeddings, cache)
+            return self._fast_forward(hidden_states, attention_mask, position_embeddings, cache)
 
     def _fast_forward(self, x, attention_mask, position_embeddings, cache=None):
         attn, mlp, norm = self.self_attn, self.mlp, self.input_layernorm
+        ops = _COMPILED_OPS if self._fast_compile else _EAGER_OPS
         batch, length, hidden = x.shape
         heads, head_dim = attn.config.num_attention_heads, attn.head_dim
         ins = phi2.input_modules(self)
         dtype = _compute_dtype(ins[0], x)
         noises = _Noises(self, (batch, length, hidden), phi2.base_layer(mlp.fc1).out_features, dtype, x.device)
 
-        h = F.layer_norm(x.float(), (hidden,), norm.weight.float(), norm.bias.float(), norm.eps)
-        h = h.to(dtype).view(-1, hidden)
+        h = ops.norm(x.view(-1, hidden), norm.weight, norm.bias, norm.eps, dtype)
         y = frozen_linear_lora(h, ins, noises.for_modules)  # [N, q | k | v | fc1]
-
         cos, sin = position_embeddings
         turn = self._fast_turns.get(cos, sin, batch, head_dim, dtype)
-        qk = phi2.turn_heads(y[:, :2 * hidden].view(-1, 2 * heads, head_dim), turn)
-        qk = qk.view(batch, length, 2, heads, head_dim)
-        v = y[:, 2 * hidden:3 * hidden].view(batch, length, heads, head_dim)
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
+        q, k, v = ops.heads(y, turn, batch, heads, head_dim)
         if cache is not None:  # a forward that fills an empty cache (a prompt before generation)
             k, v = cache.update(k, v, attn.layer_idx)
-        mask = attention_mask  # sdpa's own mask from the backbone (None: causal, no padding to hide)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
-                                           scale=attn.scaling)
-        a = a.transpose(1, 2).reshape(-1, hidden)
+        a = ops.attend(q, k, v, attention_mask, attn.scaling)
         attn_out = frozen_linear_lora(a, [attn.dense], noises.for_modules)
-        mlp_out = frozen_linear_lora(mlp.activation_fn(y[:, 3 * hidden:]), [mlp.fc2], noises.for_modules)
-        if noises.attn_out is not None:
-            attn_out = attn_out * noises.attn_out
-            mlp_out = mlp_out * noises.mlp_out
-        out = x + attn_out.view(batch, length, hidden)
-        return out + mlp_out.view(batch, length, hidden)
+        mlp_out = frozen_linear_lora(ops.act(mlp.activation_fn, y[:, 3 * hidden:]), [mlp.fc2], noises.for_modules)
+        return ops.residual(x, attn_out, mlp_out, noises.attn_out, noises.mlp_out)
 
 
-_COMPILED = []
+# The tensor work between the products, as plain functions: run as they are, or each under
+# torch.compile (`--fast_training compile`), where Inductor fuses their elementwise kernels.
+def _norm(x, weight, bias, eps: float, dtype):
+    """LayerNorm in fp32 (Phi-2 overflows fp16 there; autocast runs it in fp32 too), cast once."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
 
 
-def _compiled_forward():
-    """`FastPhiLayer._fast_forward` under torch.compile, built once for every layer: dynamic
-    shapes (grouped batches change length at each step), the products and bitsandbytes'
-    kernels as they are, the elementwise work between them fused."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(FastPhiLayer._fast_forward, dynamic=True))
-    return _COMPILED[0]
+def _heads(y, turn, batch: int, heads: int, head_dim: int):
+    """q, k (turned by the rotary matrices) and v, [batch, heads, length, head_dim], read from
+    the input product's columns [q | k | v | fc1]: no copies but the turning product."""
+    hidden = heads * head_dim
+    qk = phi2.turn_heads(y[:, :2 * hidden].view(-1, 2 * heads, head_dim), turn)
+    qk = qk.view(batch, -1, 2, heads, head_dim)
+    v = y[:, 2 * hidden:3 * hidden].view(batch, -1, heads, head_dim)
+    return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
+
+
+def _attend(q, k, v, mask, scale: float):
+    """sdpa with the backbone's own mask; with none (a right-padded batch's was dropped),
+    causal: the flash or memory-efficient kernel. Output [N, hidden] for the dense product."""
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return a.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[3])
+
+
+def _act(activation, x):
+    return activation(x)
+
+
+def _residual(x, attn_out, mlp_out, attn_noise, mlp_noise):
+    """x + dropout(attention) + dropout(MLP), summed in fp32 (the residual stream's dtype)."""
+    if attn_noise is not None:
+        attn_out, mlp_out = attn_out * attn_noise, mlp_out * mlp_noise
+    return x + attn_out.view(x.shape) + mlp_out.view(x.shape)
+
+
+class _Ops:
+    def __init__(self, wrap):
+        self.norm, self.heads, self.attend = wrap(_norm), wrap(_heads), wrap(_attend)
+        self.act, self.residual = wrap(_act), wrap(_residual)
+
+
+_EAGER_OPS = _Ops(lambda fn: fn)
+
+
+class _LazyCompiledOps:
+    """`_Ops` under torch.compile, built at first use. Dynamic shapes: grouped batches change
+    length at every step, and one compiled graph serves them all."""
+
+    def __getattr__(self, name):
+        ops = _Ops(lambda fn: torch.compile(fn, dynamic=True))
+        self.__dict__.update(ops.__dict__)
+        return getattr(ops, name)
+
+
+_COMPILED_OPS = _LazyCompiledOps()
 
 
 def _compute_dtype(module, x):

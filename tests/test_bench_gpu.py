@@ -115,6 +115,31 @@ def test_export_and_app_jobs(ctx):
     assert "4/4 greedy answers as trained" in text and "MISMATCH" not in text and "sft " in text
 
 
+def test_loss_match_jobs_compare_the_two_paths(ctx):
+    """The "match" pair at tiny scale: the fast layers' logged losses against the generic
+    path's, step by step, in the table. On the CPU in fp32 they agree to rounding."""
+    jobs = [dict(bench.ALL_JOBS[name], steps=3) for name in ("match generic", "match fast")]
+    results = [bench.run_job_here(job, ctx) for job in jobs]
+    assert all(r["ok"] and len(r["losses"]) == 3 for r in results), results
+    bench.compare_losses(results, jobs)
+    match = results[1]["loss_match"]
+    assert match["vs"] == "match generic" and match["steps"] == 3 and match["max_rel"] < 1e-5, match
+    assert results[0]["losses"] != [results[0]["losses"][0]] * 3  # real, changing losses were compared
+    assert "losses vs match generic: 3 steps" in bench.table(results)
+
+
+def test_t4_projection_scales_products_by_flops_and_the_rest_by_bandwidth():
+    ceilings = {"matmul_flops": 10 * bench.T4_FLOPS, "copy_bytes_s": 4 * bench.T4_BYTES_S}
+    job = {"gpu_ms_by_kind": {"products": 30.0, "other": 20.0}, "tokens_per_step": 1000}
+    projected = bench.t4_projection(job, ceilings)
+    assert projected["t4_step_s"] == pytest.approx((30 * 10 + 20 * 4) / 1e3)
+    assert projected["t4_tok_s"] == pytest.approx(1000 / 0.38) and projected["gpu_us_per_token"] == pytest.approx(50)
+    assert bench.t4_projection({"tokens_per_step": 10}, ceilings) == {}  # no profile, no projection
+    assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "products"
+    assert bench.kernel_kind("fmha_cutlassF_f16_aligned_64x64_rf_sm80") == "products"
+    assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "other"
+
+
 def test_table_shows_failures_and_figures():
     rows = [{"name": "a", "kind": "sft", "ok": True, "tok_s": 1234.0, "tok_s_min": 1000.0, "tok_s_max": 1500.0,
              "step_s": 0.5, "tokens_per_step": 617, "peak_alloc_gib": 3.25, "peak_reserved_gib": 4.0, "batch": 8,

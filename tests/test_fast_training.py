@@ -33,11 +33,11 @@ def tokenizer(tiny_model_dir):
     return load_chat_tokenizer(str(tiny_model_dir))
 
 
-def peft_model(tiny_model_dir, tokenizer, *, lora_dropout=0.0, resid_pdrop=0.0, **lora):
+def peft_model(tiny_model_dir, tokenizer, *, lora_dropout=0.0, resid_pdrop=0.0, dtype=torch.float32, **lora):
     """The tiny model as SFTTrainer prepares it: NF4, k-bit preparation, LoRA on the six
     projections and the chat tokens' rows, fp32 adapter weights; LoRA B drawn at random, so
     the adapters change the output from the first step."""
-    model = load_base_model(str(tiny_model_dir), tokenizer, torch.float32)
+    model = load_base_model(str(tiny_model_dir), tokenizer, dtype)
     for layer in model.model.layers:
         layer.resid_dropout.p = resid_pdrop
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -50,7 +50,7 @@ def peft_model(tiny_model_dir, tokenizer, *, lora_dropout=0.0, resid_pdrop=0.0, 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name or "trainable_tokens_delta" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * 0.05)
     fix_lm_head_bias(model)
     upcast_trainable_params(model)
     return model
@@ -123,6 +123,33 @@ def test_logits_loss_and_every_gradient_equal_the_generic_path(tiny_model_dir, t
     if dropout:  # the masks were real: another seed draws others
         other = forward_backward(model, enc, labels, fast=True, checkpointing=checkpointing, seed=4)
         assert abs(other[1].item() - fast[1].item()) > 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_on_cuda_in_16_bits_the_fast_layer_stays_close(tiny_model_dir, tokenizer, fast_calls, dtype):
+    """Under autocast, as the Trainer runs it: the products in 16 bits, the residual stream in
+    fp32. The paths round differently (one product for q|k|v|fc1, LoRA added in 16 bits), so
+    the tolerances are those of 16-bit arithmetic: loss 1e-2 relative, logits and each
+    gradient 3e-2 relative in norm."""
+    model = peft_model(tiny_model_dir, tokenizer, dtype=dtype)
+    enc, labels = batch(tokenizer)
+    enc, labels = enc.to("cuda"), labels.to("cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        generic = forward_backward(model, enc, labels, fast=False, checkpointing=True)
+        fast = forward_backward(model, enc, labels, fast=True, checkpointing=True)
+    assert fast_calls
+    mask = enc["attention_mask"].bool()
+    for (logits, loss, grads), name in ((generic, "generic"), (fast, "fast")):
+        assert torch.isfinite(logits[mask]).all() and torch.isfinite(loss), name
+    assert fast[1].item() == pytest.approx(generic[1].item(), rel=1e-2)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+    assert rel(fast[0][mask], generic[0][mask]) < 3e-2
+    for name, grad in generic[2].items():
+        assert rel(fast[2][name], grad) < 3e-2, name
 
 
 def test_left_padding_keeps_its_mask(tiny_model_dir, tokenizer, fast_calls):
