@@ -118,16 +118,20 @@ def fast_training_reason(model) -> str | None:
 # The frozen base + LoRA product, forward and backward
 # ---------------------------------------------------------------------------------------
 class _LoRATerm:
-    """One adapter on one projection: its rows of the output and how to reach its tensors."""
+    """One adapter on one projection: where its rows of the output lie (which piece of the
+    output, and its columns there) and its scale; `noisy`: LoRA dropout on its input."""
 
-    __slots__ = ("start", "stop", "scale", "noisy")
+    __slots__ = ("piece", "start", "stop", "scale", "noisy")
 
-    def __init__(self, start, stop, scale, noisy):
-        self.start, self.stop, self.scale, self.noisy = start, stop, scale, noisy
+    def __init__(self, piece, start, stop, scale, noisy):
+        self.piece, self.start, self.stop, self.scale, self.noisy = piece, start, stop, scale, noisy
 
 
 class _FrozenLinearLoRA(torch.autograd.Function):
-    """y = x W^T + b + sum over LoRA terms of scale * (x * noise) A^T B^T on their rows of y.
+    """y = x W^T + b + sum over LoRA terms of scale * (x * noise) A^T B^T on their rows of y,
+    returned in `pieces` (column counts: q|k, v and fc1 are read by different ops, and each
+    gets its own gradient back, so none is a slice whose gradient autograd would pad with
+    zeros and add up).
 
     W is the frozen base of one or more projections side by side (`modules`), dequantised
     into a 16-bit buffer at each use and never saved: the backward dequantises again. x is
@@ -136,13 +140,14 @@ class _FrozenLinearLoRA(torch.autograd.Function):
     the A products of all terms are one product."""
 
     @staticmethod
-    def forward(ctx, x, bias, modules, terms, *tensors):
+    def forward(ctx, x, bias, modules, pieces, terms, *tensors):
         n = len(terms)
         a_params, b_params, noises = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         dtype = x.dtype
         weight = phi2.base_weights(modules, dtype, x.device)
         y = torch.addmm(bias, x, weight.t())
         del weight
+        outs = y.split(pieces, dim=1)
         a_mats = [a.to(dtype) for a in a_params]
         b_mats = [b.to(dtype) * t.scale for b, t in zip(b_params, terms)]  # scale folded into B: [out, r], small
         shared = n > 1 and not any(t.noisy for t in terms)
@@ -152,25 +157,31 @@ class _FrozenLinearLoRA(torch.autograd.Function):
             noise = iter(noises)
             a_outs = [(x * next(noise) if t.noisy else x) @ a.t() for t, a in zip(terms, a_mats)]
         for term, a_out, b in zip(terms, a_outs, b_mats):
-            y[:, term.start:term.stop].addmm_(a_out, b.t())
-        ctx.modules, ctx.terms, ctx.shared = modules, terms, shared
+            outs[term.piece][:, term.start:term.stop].addmm_(a_out, b.t())
+        ctx.modules, ctx.pieces, ctx.terms, ctx.shared = modules, pieces, terms, shared
         ctx.param_dtypes = [p.dtype for p in tensors[:2 * n]]
         ctx.save_for_backward(x, *a_mats, *b_mats, *a_outs, *noises)
-        return y
+        return outs
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, *grads):
         terms, n = ctx.terms, len(ctx.terms)
         x, *saved = ctx.saved_tensors
         a_mats, b_mats, a_outs, noises = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
-        grad_y = grad_y.contiguous()
+        grads = [g if g is not None else torch.zeros(len(x), p, dtype=x.dtype, device=x.device)
+                 for g, p in zip(grads, ctx.pieces)]
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # x's gradient through the base: one product a piece, summed
             weight = phi2.base_weights(ctx.modules, x.dtype, x.device)
-            grad_x = grad_y @ weight
+            rows = 0
+            for grad, p in zip(grads, ctx.pieces):
+                w = weight[rows:rows + p]
+                grad_x = grad @ w if grad_x is None else grad_x.addmm_(grad, w)
+                rows += p
             del weight
-        grads_b = [(grad_y[:, t.start:t.stop].t() @ a_out).mul_(t.scale) for t, a_out in zip(terms, a_outs)]
-        grads_a_out = [grad_y[:, t.start:t.stop] @ b for t, b in zip(terms, b_mats)]
+        grads_y = [grads[t.piece][:, t.start:t.stop] for t in terms]
+        grads_b = [(gy.t() @ a_out).mul_(t.scale) for t, gy, a_out in zip(terms, grads_y, a_outs)]
+        grads_a_out = [gy @ b for gy, b in zip(grads_y, b_mats)]
         if ctx.shared:  # the A products were one: so are their gradients
             grad_a_all = torch.cat(grads_a_out, dim=1)
             grads_a = list((grad_a_all.t() @ x).split([a.shape[0] for a in a_mats]))
@@ -187,24 +198,28 @@ class _FrozenLinearLoRA(torch.autograd.Function):
                     else:
                         grad_x.addcmul_(grad_a_out @ a, mask)
         grads = [g.to(dt) for g, dt in zip(grads_a + grads_b, ctx.param_dtypes)]
-        return (grad_x, None, None, None, *grads, *([None] * len(noises)))
+        return (grad_x, None, None, None, None, *grads, *([None] * len(noises)))
 
 
-def _lora_terms(modules, dropout_noise):
-    """The active LoRA terms of `modules` (side by side in that order) for `_FrozenLinearLoRA`:
-    terms, A params, B params, and the noises drawn for them in order."""
+def _lora_terms(modules, pieces, dropout_noise):
+    """The active LoRA terms of `modules` (side by side in that order, the output cut into
+    `pieces`) for `_FrozenLinearLoRA`: terms, A params, B params, and their noises in order."""
     from peft.tuners.lora import LoraLayer
 
     terms, a_params, b_params, noises = [], [], [], []
-    start = 0
+    piece, piece_start, start = 0, 0, 0
     for module in modules:
         rows = phi2.base_layer(module).out_features
+        while start >= piece_start + pieces[piece]:
+            piece_start += pieces[piece]
+            piece += 1
         if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
             for name in module.active_adapters:
                 if name not in module.lora_A:
                     continue
                 noise = dropout_noise(module, name)
-                terms.append(_LoRATerm(start, start + rows, float(module.scaling[name]), noise is not None))
+                terms.append(_LoRATerm(piece, start - piece_start, start - piece_start + rows,
+                                       float(module.scaling[name]), noise is not None))
                 a_params.append(module.lora_A[name].weight)
                 b_params.append(module.lora_B[name].weight)
                 if noise is not None:
@@ -217,10 +232,14 @@ def _bias(modules, dtype):
     return torch.cat([phi2.base_layer(m).bias.detach() for m in modules]).to(dtype)
 
 
-def frozen_linear_lora(x, modules, noises_for):
-    """x [N, in] through `modules` side by side: base + LoRA, output [N, sum of out_features]."""
-    terms, a_params, b_params, noises = noises_for(modules)
-    return _FrozenLinearLoRA.apply(x, _bias(modules, x.dtype), modules, terms, *a_params, *b_params, *noises)
+def frozen_linear_lora(x, modules, noises_for, pieces=None):
+    """x [N, in] through `modules` side by side: base + LoRA. Returns the output [N, sum of
+    out_features], or its `pieces` (column counts) as separate tensors."""
+    total = sum(phi2.base_layer(m).out_features for m in modules)
+    cut = list(pieces or [total])
+    terms, a_params, b_params, noises = noises_for(modules, cut)
+    outs = _FrozenLinearLoRA.apply(x, _bias(modules, x.dtype), modules, cut, terms, *a_params, *b_params, *noises)
+    return outs if pieces else outs[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,8 +282,8 @@ class _Noises:
         lora(mlp.fc2, inter_shape)
         self.mlp_out = _noise(hidden_shape, dtype, device, resid_p).view(-1, shape[-1]) if resid_p else None
 
-    def for_modules(self, modules):
-        return _lora_terms(modules, lambda module, name: self.by_module.get((id(module), name)))
+    def for_modules(self, modules, pieces):
+        return _lora_terms(modules, pieces, lambda module, name: self.by_module.get((id(module), name)))
 
 
 class _Turns:
@@ -311,15 +330,16 @@ class FastPhiLayer:
         noises = _Noises(self, (batch, length, hidden), phi2.base_layer(mlp.fc1).out_features, dtype, x.device)
 
         h = ops.norm(x.view(-1, hidden), norm.weight, norm.bias, norm.eps, dtype)
-        y = frozen_linear_lora(h, ins, noises.for_modules)  # [N, q | k | v | fc1]
+        inter = phi2.base_layer(mlp.fc1).out_features
+        qk, v, up = frozen_linear_lora(h, ins, noises.for_modules, [2 * hidden, hidden, inter])  # q|k, v, fc1
         cos, sin = position_embeddings
         turn = self._fast_turns.get(cos, sin, batch, head_dim, dtype)
-        q, k, v = ops.heads(y, turn, batch, heads, head_dim)
+        q, k, v = ops.heads(qk, v, turn, batch, heads, head_dim)
         if cache is not None:  # a forward that fills an empty cache (a prompt before generation)
             k, v = cache.update(k, v, attn.layer_idx)
         a = ops.attend(q, k, v, attention_mask, attn.scaling)
         attn_out = frozen_linear_lora(a, [attn.dense], noises.for_modules)
-        mlp_out = frozen_linear_lora(ops.act(mlp.activation_fn, y[:, 3 * hidden:]), [mlp.fc2], noises.for_modules)
+        mlp_out = frozen_linear_lora(ops.act(mlp.activation_fn, up), [mlp.fc2], noises.for_modules)
         return ops.residual(x, attn_out, mlp_out, noises.attn_out, noises.mlp_out)
 
 
@@ -330,14 +350,12 @@ def _norm(x, weight, bias, eps: float, dtype):
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
 
 
-def _heads(y, turn, batch: int, heads: int, head_dim: int):
-    """q, k (turned by the rotary matrices) and v, [batch, heads, length, head_dim], read from
-    the input product's columns [q | k | v | fc1]: no copies but the turning product."""
-    hidden = heads * head_dim
-    qk = phi2.turn_heads(y[:, :2 * hidden].view(-1, 2 * heads, head_dim), turn)
-    qk = qk.view(batch, -1, 2, heads, head_dim)
-    v = y[:, 2 * hidden:3 * hidden].view(batch, -1, heads, head_dim)
-    return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
+def _heads(qk, v, turn, batch: int, heads: int, head_dim: int):
+    """q and k turned by the rotary matrices (one batched product) and v, each [batch, heads,
+    length, head_dim], read in place from the input product's pieces."""
+    qk = phi2.turn_heads(qk.view(-1, 2 * heads, head_dim), turn).view(batch, -1, 2, heads, head_dim)
+    q, k = qk.unbind(2)  # one gradient back (stacked), not two zero-padded slices added up
+    return q.transpose(1, 2), k.transpose(1, 2), v.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
 def _attend(q, k, v, mask, scale: float):

@@ -61,13 +61,21 @@ def base_weights(modules, dtype, device) -> torch.Tensor:
     return out
 
 
+_ROTATE_HALF: dict = {}
+
+
 def rotate_half_matrix(rotary_dim: int, dtype, device) -> torch.Tensor:
-    """R with x @ R == cat(-x2, x1) over the rotary dims (Phi's `rotate_half`)."""
-    half = rotary_dim // 2
-    matrix = torch.zeros(rotary_dim, rotary_dim, dtype=dtype, device=device)
-    matrix[torch.arange(half, rotary_dim), torch.arange(half)] = -1
-    matrix[torch.arange(half), torch.arange(half, rotary_dim)] = 1
-    return matrix
+    """R with x @ R == cat(-x2, x1) over the rotary dims (Phi's `rotate_half`). Built once a
+    (size, dtype, device), on the host: the decoder's captured CUDA graphs may ask for it, and
+    no host-to-device copy can run inside a capture."""
+    key = (rotary_dim, dtype, torch.device(device))
+    if key not in _ROTATE_HALF:
+        half = rotary_dim // 2
+        matrix = torch.zeros(rotary_dim, rotary_dim, dtype=dtype)
+        matrix[torch.arange(half, rotary_dim), torch.arange(half)] = -1
+        matrix[torch.arange(half), torch.arange(half, rotary_dim)] = 1
+        _ROTATE_HALF[key] = matrix.to(device)
+    return _ROTATE_HALF[key]
 
 
 def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, dtype) -> torch.Tensor:

@@ -130,11 +130,12 @@ def test_loss_match_jobs_compare_the_two_paths(ctx):
 
 def test_t4_projection_scales_products_by_flops_and_the_rest_by_bandwidth():
     ceilings = {"matmul_flops": 10 * bench.T4_FLOPS, "copy_bytes_s": 4 * bench.T4_BYTES_S}
-    job = {"gpu_ms_by_kind": {"products": 30.0, "other": 20.0}, "tokens_per_step": 1000}
+    job = {"gpu_ms_by_kind": {"products": 30.0, "other": 20.0}, "profile_tokens_per_step": 1000}
     projected = bench.t4_projection(job, ceilings)
     assert projected["t4_step_s"] == pytest.approx((30 * 10 + 20 * 4) / 1e3)
     assert projected["t4_tok_s"] == pytest.approx(1000 / 0.38) and projected["gpu_us_per_token"] == pytest.approx(50)
     assert bench.t4_projection({"tokens_per_step": 10}, ceilings) == {}  # no profile, no projection
+    assert projected["products_share"] == pytest.approx(0.6)
     assert bench.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "products"
     assert bench.kernel_kind("fmha_cutlassF_f16_aligned_64x64_rf_sm80") == "products"
     assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "other"
