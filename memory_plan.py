@@ -45,13 +45,26 @@ GELU_NEW_BYTES = {True: 5.74e-5 * GIB, False: 3.4e-3 * GIB}
 # LoRA dropout > 0 keeps a dropped copy of each adapter's input: only without checkpointing
 # does that outlive one layer.
 DROPOUT_BYTES = {True: 0.0, False: 6.87e-4 * GIB}
+# The fast Phi-2 layers (phi2qlora/fast_training.py), fitted to bench_gpu.py's fast jobs
+# (H100, 2026-12-06): bytes a token (keys as ACT_BYTES; the 16-bit base with checkpointing
+# was not measured and takes the 4-bit figure), a fixed part a micro-step that does not grow
+# with its tokens (16-bit weights dequantised for one layer, the LoRA products' outputs), and
+# LoRA dropout's noise, which the fast layer keeps for backward.
+FAST_ACT_BYTES = {(False, True): 2.2e-4 * GIB, (False, False): 2.96e-3 * GIB,
+                  (True, True): 2.2e-4 * GIB, (True, False): 2.96e-3 * GIB}
+FAST_FIXED_BYTES = 0.52 * GIB
+FAST_DROPOUT_BYTES = {True: 0.0, False: 1.47e-3 * GIB}
 # A GPU needs this beyond the allocated peak: CUDA context, cuBLAS workspaces, allocator slack.
 SLACK_FACTOR, CONTEXT_GIB = 1.1, 0.5
-# Time a micro-step (seconds): fixed host cost + cost a token, (no checkpointing, checkpointing).
-# h100: fitted to bench_gpu.py's run 2; t4: not measured, the arithmetic of a T4 (~25 TFLOP/s
-# reached in fp16) makes the per-token term dominate and the host term small.
-SPEED = {"h100": {False: (0.25, 42e-6), True: (0.40, 56e-6)},
-         "t4": {False: (0.05, 650e-6), True: (0.08, 870e-6)}}
+# Time a micro-step (seconds): fixed host cost + cost a token, by (fast layers, checkpointing).
+# h100: fitted to bench_gpu.py's runs (generic: run 2; fast: 2026-12-06, g64 jobs). t4: not
+# measured on a T4; bench_gpu.py's T4 projection of the H100 kernels (PERFORMANCE.md, "Fast
+# training layers": 583 tok/s generic and 716 fast with checkpointing, 996 fast without),
+# the generic path without checkpointing scaled as the fast one scales; small host terms.
+SPEED = {"h100": {(False, False): (0.25, 42e-6), (False, True): (0.40, 56e-6),
+                  (True, False): (0.14, 27e-6), (True, True): (0.20, 31e-6)},
+         "t4": {(False, False): (0.05, 1.23e-3), (False, True): (0.08, 1.72e-3),
+                (True, False): (0.05, 1.00e-3), (True, True): (0.08, 1.40e-3)}}
 
 
 @dataclass
@@ -164,14 +177,27 @@ def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
     return weights, adapter
 
 
+def fast_layers(recipe: dict) -> bool:
+    """Whether the recipe trains on the fast Phi-2 layers on a GPU (--fast_training)."""
+    from phi2qlora.fast_training import trains_fast_on_a_gpu
+
+    return trains_fast_on_a_gpu(recipe.get("fast_training", "auto"))
+
+
 def act_bytes_per_token(recipe: dict, checkpointing: bool) -> float:
-    sixteen = not recipe["load_in_4bit"]
-    per_token = ACT_BYTES[(sixteen, checkpointing)]
+    sixteen, fast = not recipe["load_in_4bit"], fast_layers(recipe)
+    per_token = (FAST_ACT_BYTES if fast else ACT_BYTES)[(sixteen, checkpointing)]
     if (recipe.get("hidden_act") or loaded_activation()) == "gelu_new":
         per_token += GELU_NEW_BYTES[checkpointing]
     if float(recipe["lora_dropout"]) > 0:
-        per_token += DROPOUT_BYTES[checkpointing]
+        per_token += (FAST_DROPOUT_BYTES if fast else DROPOUT_BYTES)[checkpointing]
     return per_token
+
+
+def act_bytes(recipe: dict, tokens: int, checkpointing: bool) -> float:
+    """A micro-batch's activations: bytes a token, and the fast layers' fixed part."""
+    fixed = FAST_FIXED_BYTES if fast_layers(recipe) else 0.0
+    return fixed + tokens * act_bytes_per_token(recipe, checkpointing)
 
 
 def loaded_activation() -> str:
@@ -205,12 +231,12 @@ def estimate(recipe: dict, gpu_gib: float = 15.0) -> Estimate:
             generation = fast_sampling_bytes(shape, generation_batch, prompt, completion)
         else:  # TRL's generate: its KV cache
             generation = generation_batch * (prompt + completion) * layers * 2 * h * 2
-        training = micro * (prompt + completion) * act_bytes_per_token(recipe, checkpointing)
+        training = act_bytes(recipe, micro * (prompt + completion), checkpointing)
         training += micro * completion * vocab * 4 * 2  # logits of the completions for the log-probs
         parts["activations"] = max(generation + sampling, training)
     else:
         length = number(recipe, "max_length")
-        parts["activations"] = micro * length * act_bytes_per_token(recipe, checkpointing)
+        parts["activations"] = act_bytes(recipe, micro * length, checkpointing)
         if int(recipe["preview_steps"] or 0) > 0 and recipe["fast_previews"]:
             # Previews through fast_rollouts: at most 8 prompts (of ~64 tokens) at once.
             preview = fast_sampling_bytes(shape, 8, 64, number(recipe, "preview_max_new_tokens"))
@@ -234,7 +260,7 @@ def fast_sampling_bytes(shape: dict, batch: int, prompt: int, new_tokens: int) -
 
 
 def step_seconds(recipe: dict, micro: int, accumulation: int, checkpointing: bool, gpu: str) -> float:
-    fixed, per_token = SPEED[gpu][checkpointing]
+    fixed, per_token = SPEED[gpu][(fast_layers(recipe), checkpointing)]
     tokens = micro * number(recipe, "max_length") if not is_grpo(recipe) else micro * (
         number(recipe, "max_prompt_tokens") + number(recipe, "max_completion_length"))
     return accumulation * (fixed + per_token * tokens)
