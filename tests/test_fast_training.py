@@ -191,6 +191,24 @@ def test_adapter_switches_and_disabled_adapters_follow(tiny_model_dir, tokenizer
     assert (results[True][0] - results[True][1]).abs().max() > 1e-3  # "ref" (B = 0) is another model
 
 
+def test_generate_with_the_fast_layers_installed_gives_the_same_tokens(tiny_model_dir, tokenizer, fast_calls):
+    """Plain `generate` (previews' fallback, GRPO's --fast_rollouts false): the prompt's
+    forward fills the empty KV cache on the fast layers, the decode steps run the generic
+    ones over it."""
+    model = peft_model(tiny_model_dir, tokenizer).eval()
+    tokenizer.padding_side = "left"
+    enc = tokenizer([t.split("<|assistant|>")[0] + "<|assistant|>\n" for t in TEXTS], return_tensors="pt",
+                    padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "right"
+    out = {}
+    for fast in (False, True):
+        (ft.install if fast else ft.uninstall)(model)
+        with torch.no_grad():
+            out[fast] = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert fast_calls  # the prefill ran on the fast layers
+    assert torch.equal(out[True], out[False])
+
+
 def test_a_subset_of_targets_runs_fast(tiny_model_dir, tokenizer, fast_calls):
     model = peft_model(tiny_model_dir, tokenizer, target_modules=["q_proj", "v_proj", "fc2"])
     assert ft.fast_training_reason(model) is None
