@@ -92,14 +92,9 @@ def _projection_reason(module, name: str) -> str | None:
 
 def fast_training_reason(model) -> str | None:
     """Why the fast layer can't train `model` as the generic path would (None when it can)."""
-    base = _base_model(model)
-    config = base.config
-    if config.model_type != "phi":
-        return f"model type {config.model_type!r} (the fast layer is Phi-2's)"
-    if getattr(config, "qk_layernorm", False):
-        return "qk_layernorm"
-    if config.num_key_value_heads != config.num_attention_heads:
-        return "grouped key/value heads"
+    config = _base_model(model).config
+    if reason := phi2.architecture_reason(config):
+        return reason
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention implementation {config._attn_implementation!r} (the fast layer reproduces sdpa's)"
     if getattr(config, "attention_dropout", 0.0):

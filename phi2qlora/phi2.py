@@ -18,6 +18,17 @@ INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "fc1")
 OUTPUT_PROJECTIONS = ("dense", "fc2")
 
 
+def architecture_reason(config) -> str | None:
+    """Why a model of this config is not Phi-2's block as written here (None when it is)."""
+    if config.model_type != "phi":
+        return f"model type {config.model_type!r} (only Phi)"
+    if getattr(config, "qk_layernorm", False):
+        return "qk_layernorm"
+    if config.num_key_value_heads != config.num_attention_heads:
+        return "grouped key/value heads"
+    return None
+
+
 def input_modules(layer) -> list:
     """A Phi decoder layer's q, k, v and fc1, in `INPUT_PROJECTIONS` order (LoRA-wrapped or not)."""
     attn, mlp = layer.self_attn, layer.mlp

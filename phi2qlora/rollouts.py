@@ -51,13 +51,8 @@ def _base(model):
 def unsupported_reason(model, generation: dict) -> str | None:
     """Why the fast path can't reproduce this sampling (None when it can)."""
     base = _base(model)
-    config = base.config
-    if config.model_type != "phi":
-        return f"model type {config.model_type!r} (only Phi)"
-    if getattr(config, "qk_layernorm", False):
-        return "qk_layernorm"
-    if config.num_key_value_heads != config.num_attention_heads:
-        return "grouped key/value heads"
+    if reason := phi2.architecture_reason(base.config):
+        return reason
     for module in base.modules():
         for option, name in (("use_dora", "DoRA adapters"), ("lora_bias", "LoRA bias")):
             value = getattr(module, option, None)
