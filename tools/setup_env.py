@@ -161,7 +161,8 @@ def run_shown(cmd: list[str], label: str, log: Path, env: dict | None = None) ->
                 print("\r\033[K", end="", flush=True)
     if proc.returncode:
         print("\n".join("  | " + line for line in tail), file=sys.stderr)
-        raise SetupStopped(f"{label} failed (the lines above; all of it in {log.relative_to(ROOT)})")
+        raise SetupStopped(f"{label} failed (the lines above; all of it in "
+                           f"{log.relative_to(ROOT) if log.is_relative_to(ROOT) else log})")
     print(f"  done in {elapsed(time.monotonic() - start)}", flush=True)
 
 
