@@ -80,6 +80,17 @@ def test_a_failed_command_names_its_log_and_records_nothing(venv):
     assert "whole" in log.read_text()
 
 
+def test_a_long_step_says_how_far_it_is(venv, monkeypatch, capsys):
+    monkeypatch.setattr(setup_env, "HEARTBEAT_S", 0.3)
+    build = "import time; print('[7/193] /usr/bin/g++ -O3 -o x.o -c src/llama-model.cpp', flush=True); " \
+            "print('  1210 | a compiler warning', flush=True); time.sleep(1.5)"
+    setup_env.run_shown([sys.executable, "-c", build], "llama.cpp's build", venv / "build.log")
+    shown = capsys.readouterr().out.splitlines()
+    heartbeats = [line for line in shown if line.startswith("  llama.cpp's build: 0:0")]
+    assert heartbeats and all(line.endswith(" so far; [7/193] compiling llama-model.cpp") for line in heartbeats)
+    assert shown[-1].startswith("  done in 0:0")  # the warning after it never took the status line
+
+
 def test_a_package_cut_short_is_removed_for_pip_to_put_back(venv):
     site = venv / "lib" / "python3.11" / "site-packages"
     whole, cut = site / "whole-1.0.dist-info", site / "cut-1.0.dist-info"
@@ -102,8 +113,8 @@ def test_a_kept_torch_shows_through_the_venv_after_its_own_packages(venv):
     assert shown[0] == torch.__file__  # this Python's torch, not a second one
     own = eval(shown[1])[0]
     assert own.startswith(str(venv))  # .venv's pins come first
-    assert setup_env.venv_ready(setup_env.venv_wanted(sys.executable, "2.13.0"))
-    assert not setup_env.venv_ready(setup_env.venv_wanted(sys.executable, None))  # no torch: rebuilt
+    assert setup_env.venv_ready(setup_env.venv_wanted("2.13.0"))
+    assert not setup_env.venv_ready(setup_env.venv_wanted(None))  # this Python lost its torch: rebuilt
 
 
 def test_someone_elses_venv_is_left_alone(venv):

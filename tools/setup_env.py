@@ -51,6 +51,10 @@ MIN_TORCH = (2, 11)  # requirements.txt's torch>=2.11
 # PyPI's Linux torch wheels are CUDA builds (several GB); the CPU wheel lives on PyTorch's index.
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CHROMIUM = Path("/usr/bin/chromium")
+HEARTBEAT_S = 30  # off a terminal (CI's log), how often a long step says how far it is
+# The lines of pip and of llama.cpp's ninja build that tell how far they are (not warnings).
+PROGRESS = re.compile(r"\s*(\[\d+/\d+\]|Collecting|Downloading|Processing|Building|Installing|Successfully|Get:|"
+                      r"Unpacking|Setting up|llama\.cpp's converter|the Space's wheels|pip wheel)")
 
 # What the commands cannot install themselves: one line each, printed by the set-up and given
 # by the tests that skip without it.
@@ -118,12 +122,19 @@ def elapsed(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-def run_shown(cmd: list[str], label: str, log: Path, env: dict | None = None) -> None:
+def progress_text(line: str) -> str:
+    """A progress line as the status shows it: a compile step by its source file, not its flags."""
+    step = re.match(r"\s*(\[\d+/\d+\]).* -c (\S+)", line)
+    return f"{step.group(1)} compiling {Path(step.group(2)).name}" if step else line.strip()
+
+
+def run_shown(cmd: list[str], label: str, log: Path, env: dict | None = None, show_failure: bool = True) -> None:
     """Run `cmd` with its whole output in `log`. On a terminal one status line follows its
-    latest output line; elsewhere (CI) a line every 30 s. A failure shows the last lines."""
+    latest progress line; elsewhere (CI) a line every 30 s. A failure shows the last lines."""
     log.parent.mkdir(parents=True, exist_ok=True)
     on_terminal = sys.stdout.isatty()
     tail: deque[str] = deque(maxlen=15)
+    latest = [""]
     start = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         out.write("$ " + " ".join(cmd) + "\n")
@@ -136,21 +147,23 @@ def run_shown(cmd: list[str], label: str, log: Path, env: dict | None = None) ->
                 out.write(line)
                 if line.strip():
                     tail.append(line.rstrip())
+                    if PROGRESS.match(line):
+                        latest[0] = progress_text(line)
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
             while True:
                 try:
-                    proc.wait(timeout=1 if on_terminal else 30)
+                    proc.wait(timeout=1 if on_terminal else HEARTBEAT_S)
                     break
                 except subprocess.TimeoutExpired:
-                    latest = tail[-1].strip() if tail else ""
+                    so_far = elapsed(time.monotonic() - start)
                     if on_terminal:
                         width = shutil.get_terminal_size().columns
-                        print(f"\r\033[K  {elapsed(time.monotonic() - start)} {latest}"[:width], end="", flush=True)
+                        print(f"\r\033[K  {so_far} {latest[0]}"[:width], end="", flush=True)
                     else:
-                        print(f"  {label}: {elapsed(time.monotonic() - start)} so far; {latest[:110]}", flush=True)
+                        print(f"  {label}: {so_far} so far; {latest[0][:110]}", flush=True)
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
@@ -160,15 +173,16 @@ def run_shown(cmd: list[str], label: str, log: Path, env: dict | None = None) ->
             if on_terminal:
                 print("\r\033[K", end="", flush=True)
     if proc.returncode:
-        print("\n".join("  | " + line for line in tail), file=sys.stderr)
+        if show_failure:
+            print("\n".join("  | " + line for line in tail), file=sys.stderr)
         raise SetupStopped(f"{label} failed (the lines above; all of it in "
                            f"{log.relative_to(ROOT) if log.is_relative_to(ROOT) else log})")
     print(f"  done in {elapsed(time.monotonic() - start)}", flush=True)
 
 
-def pip(*args: str, label: str, log: str) -> None:
+def pip(*args: str, label: str, log: str, show_failure: bool = True) -> None:
     run_shown([str(PYTHON_IN_VENV), "-m", "pip", "install", "--disable-pip-version-check", *args], label,
-              RECORDS / "logs" / f"{log}.log")
+              RECORDS / "logs" / f"{log}.log", show_failure=show_failure)
 
 
 # ---- the Python that builds .venv, and whether its torch is kept ------------------------------------
@@ -205,8 +219,9 @@ def site_dirs() -> list[str]:
 
 # ---- .venv ----------------------------------------------------------------------------------------
 
-def venv_wanted(python: str, kept_torch: str | None) -> dict:
-    return {"python": python, "version": platform.python_version(), "keeps_torch": kept_torch is not None}
+def venv_wanted(kept_torch: str | None) -> dict:
+    """What .venv must have been built for; another path to the same Python version is fine."""
+    return {"version": ".".join(platform.python_version_tuple()[:2]), "keeps_torch": kept_torch is not None}
 
 
 def venv_ready(wanted: dict) -> bool:
@@ -220,7 +235,7 @@ def make_venv(python: str, kept_torch: str | None) -> None:
     if VENV.exists():
         if not RECORDS.is_dir():
             raise SetupStopped(f"{VENV.name}/ is in the way and was not made by this set-up: move or remove it")
-        print(f"set-up: rebuilding {VENV.name}/ (half made, or made for another Python)", flush=True)
+        print(f"set-up: rebuilding {VENV.name}/ (half made, or made for another Python version or torch)", flush=True)
         shutil.rmtree(VENV)
     RECORDS.mkdir(parents=True)  # first: marks the folder as this set-up's, even half made
     print(f"set-up: creating {VENV.name}/ with {python} (Python {platform.python_version()})", flush=True)
@@ -241,7 +256,7 @@ def make_venv(python: str, kept_torch: str | None) -> None:
                                  capture_output=True, text=True, check=True).stdout.strip()
         # After .venv's own folder on sys.path: .venv's pins win, this Python's torch (and the rest) shows through.
         (Path(purelib) / "_phi2qlora_base_packages.pth").write_text("\n".join(site_dirs()) + "\n", encoding="utf-8")
-    write_record("venv", json.dumps(venv_wanted(python, kept_torch)))
+    write_record("venv", json.dumps({**venv_wanted(kept_torch), "python": python}))
 
 
 def repair_half_installed() -> None:
@@ -282,11 +297,11 @@ def install_cpu_torch() -> None:
         wanted = wanted.split("+")[0]  # PyPI's macOS/Windows wheels are the CPU ones
     common = [wanted, "-c", str(constraints_without_torch())]
     try:  # a local or configured index may hold the CPU wheel already; else PyTorch's own index
-        pip(*common, label=f"{wanted} (CPU)", log="torch")
+        pip(*common, label=f"{wanted} (CPU)", log="torch", show_failure=platform.system() != "Linux")
     except SetupStopped:
         if platform.system() != "Linux":
             raise
-        print(f"  not in pip's indexes: from {PYTORCH_CPU_INDEX}", flush=True)
+        print(f"  not in pip's own indexes: from {PYTORCH_CPU_INDEX}", flush=True)
         pip(*common, "--extra-index-url", PYTORCH_CPU_INDEX, label=f"{wanted} (CPU)", log="torch")
 
 
@@ -322,7 +337,7 @@ def plan(target: str, kept_torch: str | None) -> list[Step]:
     if has_compiler():
         steps += [
             Step("llama.cpp", f"llama.cpp, built from source by llama-cpp-python {llama} (requirements-serve.txt): "
-                              "takes about 5 minutes on 2 cores, once",
+                              "takes about 5 minutes on 2 free cores (longer on busy ones), once",
                  fingerprint(SERVE_REQUIREMENTS, CONSTRAINTS),
                  lambda: pip("-v", "-r", str(SERVE_REQUIREMENTS), "-c", str(constraints_without_torch()),
                              label="llama.cpp's build", log="llama.cpp")),
@@ -357,7 +372,7 @@ def set_up(target: str) -> None:
     if kept_torch and version_tuple(kept_torch) < MIN_TORCH:
         raise SetupStopped(f"{python} has torch {kept_torch}, older than requirements.txt's torch>=2.11: upgrade "
                            "it there, or build .venv from a Python without torch (PYTHON=...) to get the CPU wheel")
-    wanted = venv_wanted(python, kept_torch)
+    wanted = venv_wanted(kept_torch)
     fresh_venv = not venv_ready(wanted)
     if fresh_venv:
         make_venv(python, kept_torch)
