@@ -30,6 +30,7 @@ SENT = f"{PROMPT} Use at most {LIMIT} words."  # a phrasing GRPO was rewarded fo
 # Playwright gives each launch a fresh temporary profile (--user-data-dir) by itself.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_chromium = pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_listens_on_loopback_only_and_shares_nothing(served):
     assert app.parse_args(["--share"]).share is True  # only when asked
 
 
-@pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))
+@needs_chromium
 def test_browser_types_a_prompt_and_reads_every_answer(served, direct, tmp_path):
     """Headless Chromium: type, click, read the answers and word counts from the page; then
     an over-long prompt (the browser's maxlength removed, as any other client could) shows

@@ -19,16 +19,16 @@ from conftest import ROOT
 from gradio_client import Client
 from tiny_adapters import sft_adapter
 
-from tools.setup_env import chromium_missing, llama_cpp_missing  # noqa: E402
+from tools.setup_env import llama_cpp_missing
 
-if llama_cpp_missing():
-    pytest.skip(llama_cpp_missing(), allow_module_level=True)
+if missing := llama_cpp_missing():
+    pytest.skip(missing, allow_module_level=True)
 
 import export_model  # noqa: E402
 from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS, END, format_prompt  # noqa: E402
 from phi2qlora.gguf import CONVERTER_HOME, greedy_answers, llama_cpp_version, load  # noqa: E402
 from phi2qlora.space import start_space  # noqa: E402
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, listening_addresses  # noqa: E402
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, listening_addresses, needs_chromium  # noqa: E402
 
 if not (CONVERTER_HOME / f"llama-cpp-python-{llama_cpp_version()}" / "convert_hf_to_gguf.py").is_file():
     pytest.skip("llama.cpp's converter is not unpacked: ./run_tests.sh unpacks it (tools/fetch_gguf_converter.py)",
@@ -210,7 +210,7 @@ def test_space_answers_as_the_exported_model_and_checks_requests(exported, space
         client.predict("x" * 2001, None, TOKENS, api_name="/generate")
 
 
-@pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))
+@needs_chromium
 def test_space_in_a_browser_answers_in_its_column(space):
     playwright = pytest.importorskip("playwright.sync_api")
     folder, port, url = space

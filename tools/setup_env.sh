@@ -8,7 +8,7 @@ if ! command -v "$phi2_python" >/dev/null 2>&1; then
 fi
 # trl 1.16 (requirements.txt) needs Python 3.11; the check itself runs on any Python.
 if ! "$phi2_python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "set-up: $phi2_python is $("$phi2_python" -V 2>&1); Python 3.11 or newer is needed (trl 1.16 requires it): install one and run PYTHON=python3.11 $0" >&2
+  echo "set-up: $phi2_python is $("$phi2_python" -V 2>&1 | head -n 1); Python 3.11 or newer is needed (trl 1.16 requires it): install one and run PYTHON=python3.11 $0" >&2
   exit 1
 fi
 "$phi2_python" tools/setup_env.py "$1" || exit $?
