@@ -65,7 +65,7 @@ NO_CHROMIUM = (f"no Chromium at {CHROMIUM}: the browser tests skip; install it (
 
 
 class SetupStopped(Exception):
-    """A step failed or was interrupted: the message says which and why; nothing is recorded."""
+    """A step failed or the set-up cannot go on: the message says which and why; nothing is recorded."""
 
 
 def has_compiler() -> bool:
