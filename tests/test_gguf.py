@@ -19,16 +19,19 @@ from conftest import ROOT
 from gradio_client import Client
 from tiny_adapters import sft_adapter
 
-pytest.importorskip("llama_cpp", reason="pip install -r requirements-serve.txt (README)")
+from tools.setup_env import llama_cpp_missing
+
+if missing := llama_cpp_missing():
+    pytest.skip(missing, allow_module_level=True)
 
 import export_model  # noqa: E402
 from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS, END, format_prompt  # noqa: E402
 from phi2qlora.gguf import CONVERTER_HOME, greedy_answers, llama_cpp_version, load  # noqa: E402
 from phi2qlora.space import start_space  # noqa: E402
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, listening_addresses  # noqa: E402
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, listening_addresses, needs_chromium  # noqa: E402
 
 if not (CONVERTER_HOME / f"llama-cpp-python-{llama_cpp_version()}" / "convert_hf_to_gguf.py").is_file():
-    pytest.skip("llama.cpp's converter is not unpacked: python tools/fetch_gguf_converter.py (README)",
+    pytest.skip("llama.cpp's converter is not unpacked: ./run_tests.sh unpacks it (tools/fetch_gguf_converter.py)",
                 allow_module_level=True)
 
 TOKENS = 48
@@ -139,7 +142,7 @@ def space_python(tmp_path_factory, exported):
     fetched = SPACE_WHEELS / "requirements.txt"
     if not fetched.is_file() or fetched.read_text() != wanted:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            "the Space's wheels are not fetched: python tools/fetch_space_wheels.py (README)")
+            "the Space's wheels are not fetched: ./run_tests.sh fetches them (tools/fetch_space_wheels.py)")
     venv = tmp_path_factory.mktemp("space-env") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -207,9 +210,8 @@ def test_space_answers_as_the_exported_model_and_checks_requests(exported, space
         client.predict("x" * 2001, None, TOKENS, api_name="/generate")
 
 
+@needs_chromium
 def test_space_in_a_browser_answers_in_its_column(space):
-    if not os.path.exists(CHROMIUM):
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"no Chromium at {CHROMIUM}")
     playwright = pytest.importorskip("playwright.sync_api")
     folder, port, url = space
     with playwright.sync_playwright() as p:

@@ -4,7 +4,7 @@ dependencies included).
 
     python tools/lock_requirements.py            # resolve again, rewrite constraints.txt
     python tools/lock_requirements.py --keep     # only pin what a requirements change adds
-    pip install torch==2.13.0 && pip install -r requirements.txt -r requirements-serve.txt -c constraints.txt
+    ./run_tests.sh                               # installs with it into .venv/, then runs the suite
 
 requirements.txt keeps the ranges the code runs on (down to the GPU image's torch 2.11 and
 transformers 5.17, and whatever Colab has); constraints.txt pins the versions the test
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCH = "torch==2.13.0"  # the CPU wheel README installs first; a bare `torch` would pull a CUDA build
+TORCH = "torch==2.13.0"  # the CPU wheel (2.13.0+cpu) where pip's indexes hold it; a bare `torch` pulls CUDA
 
 
 def resolve(keep: bool = False) -> dict[str, str]:
@@ -46,8 +46,7 @@ def main() -> None:
         "# Exact versions for requirements.txt and requirements-serve.txt, made by `python tools/lock_requirements.py`",
         f"# on {datetime.date.today().isoformat()} for Python {platform.python_version()} on "
         f"{platform.system()} {platform.machine()}: not edited by hand.",
-        "# Install: pip install torch==2.13.0 && pip install -r requirements.txt -r requirements-serve.txt "
-        "-c constraints.txt",
+        "# ./demo_offline.sh and ./run_tests.sh install with it (tools/setup_env.py); by hand: docs/setup.md.",
     ]
     lines = [f"{name}=={version}" for name, version in sorted(pins.items(), key=lambda kv: kv[0].lower())]
     (ROOT / "constraints.txt").write_text("\n".join(header + lines) + "\n", encoding="utf-8")
