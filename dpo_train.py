@@ -96,7 +96,8 @@ class SFTReferenceDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        restore_sft_weights(self.model, self.sft_weights)
+        if self.state.global_step == 0:  # in __init__; later (evaluate() on a new dataset) `ref` is already right
+            restore_sft_weights(self.model, self.sft_weights)
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 

@@ -216,7 +216,7 @@ def summarise(scored: list[dict]) -> dict:
 def pair_rows(args: EvalArguments) -> list[dict]:
     """The held-out pairs, checked before anything loads; none if `--pairs_file ''`, or if
     the default file is not there (data_prep.py before DPO existed, or a prompts-only run)."""
-    if args.max_pairs is not None and args.max_pairs < 1 or args.pairs_max_length < 1:
+    if (args.max_pairs is not None and args.max_pairs < 1) or args.pairs_max_length < 1:
         raise InputError("--max_pairs and --pairs_max_length must be at least 1")
     if not args.pairs_file:
         return []
