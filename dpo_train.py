@@ -62,7 +62,8 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_length: int | N
             continue
         longest = len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
         cut += max_length is not None and longest > max_length
-        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+        rows.append({k: [{"role": t["role"], "content": t["content"]} for t in row[k]]  # one schema for Arrow
+                     for k in ("prompt", "chosen", "rejected")})
         if limit is not None and len(rows) == limit:
             break  # data_prep already shuffled the rows
     if too_long:

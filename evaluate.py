@@ -50,8 +50,8 @@ from pathlib import Path
 from phi2qlora.args import parse_script_args
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import atomic_path, check_adapter_folder, read_prompt_rows, write_atomic
-from phi2qlora.pairs import read_pair_rows
 from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from phi2qlora.pairs import read_pair_rows
 from phi2qlora.rewards import (
     REPETITION_FREE,
     REWARD_FUNCS,
