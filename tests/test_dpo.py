@@ -240,7 +240,7 @@ def test_evaluate_compares_sft_dpo_and_grpo(trained, tiny_model_dir, sample_data
     report = evaluate.main(evaluate.parse_args([
         "--model_name_or_path", str(tiny_model_dir), "--sft_adapter", str(sft_dir), "--dpo_adapter", str(dpo_dir),
         "--grpo_adapter", str(grpo_dir), "--models", "base,sft,dpo,grpo",
-        "--prompts_file", str(sample_data_dir / "grpo_prompts.jsonl"), "--max_prompts", "4", "--max_new_tokens", "16",
+        "--prompts_file", str(sample_data_dir / "grpo_prompts.jsonl"), "--max_prompts", "2", "--max_new_tokens", "8",
         "--pairs_file", str(pairs_file), "--pairs_max_length", "256", "--output_dir", str(out)]))
     assert list(report["metrics"]) == ["base", "sft", "dpo", "grpo"]
 
