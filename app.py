@@ -2,6 +2,7 @@
 
     python app.py                                 # Phi-2 + outputs/phi2-oasst1-qlora (+ -grpo), on 127.0.0.1:7860
     python app.py --base microsoft/phi-2 --sft outputs/phi2-oasst1-qlora --grpo outputs/phi2-oasst1-grpo
+    python app.py --sft outputs/phi2-oasst1-qlora --dpo outputs/phi2-oasst1-dpo --grpo outputs/phi2-oasst1-grpo
     python app.py --merged outputs/phi2-sft-merged outputs/phi2-grpo-merged   # export_model.py's folders
     python app.py --gguf outputs/space/models      # GGUF files (export_model.py --gguf): llama.cpp, the fast CPU path
     python app.py --host 0.0.0.0                  # reachable from other machines: only when you mean it
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 
 DEFAULT_SFT = "outputs/phi2-oasst1-qlora"  # sft_qlora.py's default output_dir
 DEFAULT_GRPO = "outputs/phi2-oasst1-grpo"  # grpo_train.py's
+DEFAULT_DPO = "outputs/phi2-oasst1-dpo"  # dpo_train.py's
+# Each adapter column: (name, its default folder, the script that trains it), in page order.
+ADAPTERS = (("sft", DEFAULT_SFT, "sft_qlora.py"), ("dpo", DEFAULT_DPO, "dpo_train.py"),
+            ("grpo", DEFAULT_GRPO, "grpo_train.py"))
 DEFAULT_GGUF = "outputs/phi2-oasst1-merged-gguf"  # export_model.py --gguf's
 MAX_WORD_LIMIT = 1000
 MIN_NEW_TOKENS = 8  # the slider's low end
@@ -59,6 +64,8 @@ class AppArguments:
         "help": f"SFT adapter folder; default {DEFAULT_SFT}, skipped with a note if it is not there"})
     grpo: str | None = field(default=None, metadata={
         "help": f"GRPO adapter folder; default {DEFAULT_GRPO}, skipped with a note if it is not there"})
+    dpo: str | None = field(default=None, metadata={
+        "help": f"DPO adapter folder; default {DEFAULT_DPO}, skipped with a note if it is not there"})
     merged: list[str] = field(default_factory=list, metadata={
         "help": "merged model folders (export_model.py), shown instead of adapters"})
     gguf: list[str] = field(default_factory=list, metadata={
@@ -135,25 +142,26 @@ def check_limits(args: AppArguments) -> None:
 
 
 def adapter_folders(args: AppArguments) -> dict[str, str]:
-    """{'sft': folder, 'grpo': folder} to load. A folder named on the command line must hold
-    an adapter; a default one that does not (not trained yet) is skipped with a note."""
+    """{'sft': folder, 'dpo': folder, 'grpo': folder} to load, those there. A folder named on
+    the command line must hold an adapter; a default one that does not (not trained yet) is
+    skipped with a note."""
     if args.merged or args.gguf:
-        if args.sft or args.grpo:
-            raise InputError("give adapters (--sft/--grpo) or exported models (--merged, --gguf), not both")
+        if args.sft or args.dpo or args.grpo:
+            raise InputError("give adapters (--sft/--dpo/--grpo) or exported models (--merged, --gguf), not both")
         return {}
     found = {}
-    for name, given, default in (("sft", args.sft, DEFAULT_SFT), ("grpo", args.grpo, DEFAULT_GRPO)):
+    for name, default, script in ADAPTERS:
+        given = getattr(args, name)
         folder = given or default
         if is_adapter_folder(folder):
             found[name] = folder
         elif given:
-            check_adapter_folder(given, f"--{name}", "give the output directory of "
-                                 + ("sft_qlora.py" if name == "sft" else "grpo_train.py"))
+            check_adapter_folder(given, f"--{name}", f"give the output directory of {script}")
         else:
             print(f"[app] no {name.upper()} adapter in {default} (not trained yet?): its column is left out")
     if not found:
-        raise InputError(f"nothing fine-tuned to show: no adapter in {DEFAULT_SFT} or {DEFAULT_GRPO}; "
-                         "train one (README), or give --sft DIR, --grpo DIR or --merged DIR")
+        raise InputError(f"nothing fine-tuned to show: no adapter in {', '.join(d for _, d, _ in ADAPTERS)}; "
+                         "train one (README), or give --sft DIR, --dpo DIR, --grpo DIR or --merged DIR")
     return found
 
 
@@ -263,7 +271,7 @@ def use_cpu_fast_path(args: AppArguments) -> None:
     """On a machine without CUDA, with no model named and export_model.py's GGUF files in
     their default folder, serve those: llama.cpp answers several times faster than the fp32
     path (PERFORMANCE.md). `--weights` (or any model flag) keeps the exact fp32 path."""
-    if args.sft or args.grpo or args.merged or args.gguf or args.weights != "auto":
+    if args.sft or args.dpo or args.grpo or args.merged or args.gguf or args.weights != "auto":
         return  # a model named, or the exact path asked for (the Space names its GGUFs: no torch there)
     import torch
 

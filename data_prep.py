@@ -1,8 +1,9 @@
-"""Turn OpenAssistant oasst1 into chat JSONL for SFT, plus prompts for GRPO.
+"""Turn OpenAssistant oasst1 into chat JSONL for SFT, plus prompts for GRPO and pairs for DPO.
 
     python data_prep.py                                      # the Hub dataset -> data/
     python data_prep.py --dataset_name dump.trees.jsonl.gz --strategy all_replies
     python data_prep.py --tokenizer microsoft/phi-2          # also report token lengths
+    python data_prep.py --pairs concise                      # DPO pairs under word limits too
     python data_prep.py --config data_prep.yaml              # the same flags, from YAML
 
 oasst1 is a forest of conversation trees: a user prompt, several assistant replies ranked
@@ -26,7 +27,9 @@ by parent_id. This script
      (--word_limit_fraction) asking for a word limit. `word_limit` is null, or the most
      words that obey the instruction as rewards.py and IFEval read it ("under 50": 49).
      Rows are in seeded random order, so the first N are a fair sample. Nothing is
-     written until all of it is built, and each file is replaced atomically.
+     written until all of it is built, and each file is replaced atomically;
+  7. writes DPO's preference pairs, pairs_train.jsonl and pairs_eval.jsonl, split as the
+     SFT files (--pairs, below).
 
 Strategies
   best_thread (default): one conversation per tree, following the best-ranked reply at
@@ -45,10 +48,26 @@ survive the filters, and 4,263 trees give conversations.
   best_thread:  4,053 train / 210 eval conversations
   all_replies: 18,181 train / 942 eval examples (4.5x)
   either: 3,999 GRPO prompts (distinct openings of train trees), 210 held-out prompts
+
+Pairs (--pairs, comma-separated): TRL's conversational preference rows, {"prompt": the chat
+up to a user turn, "chosen": [one assistant turn], "rejected": [...], "kind", "ranks",
+"word_limit", "tree"}, from every user turn with two or more surviving replies ranked
+against each other (a turn whose replies carry no rank gives none: "unranked").
+  best_worst (default): the best-ranked reply against the worst-ranked one.
+  all_ranked: every two ranked replies, the better one chosen.
+  concise: added to the ranked pairs; for two replies ranked at most --concise_rank_gap
+      apart, a word limit the shorter obeys and the longer breaks is appended to the
+      user's turn, and the shorter is chosen. The limit is the lesson: without one the
+      ranked pairs keep the people's choice, which the summary says how often is the
+      longer reply (41 of 44 on the bundled sample).
+On the synthetic file above (random ranks, so no length preference): 5,697 user turns with
+2+ replies, 879 unranked; best_worst 4,590 train / 228 eval pairs, all_ranked 10,788 / 534,
+concise 6,455 / 305 more beside best_worst's.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -98,7 +117,8 @@ DROP_REASONS = (
 MESSAGE_FIELDS = {"message_id", "parent_id", "message_tree_id", "role", "text", "lang"}
 MESSAGE_FIELDS |= {"deleted", "review_result", "rank", "created_date"}
 LANG_NAMES = {"en": "English"}
-OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "grpo_prompts.jsonl", "heldout_prompts.jsonl")
+OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "grpo_prompts.jsonl", "heldout_prompts.jsonl",
+                "pairs_train.jsonl", "pairs_eval.jsonl")
 
 
 @dataclass
@@ -158,6 +178,17 @@ class ScriptArguments:
     skip_bad_lines: bool = field(
         default=False,
         metadata={"help": "Skip (and count) malformed lines or rows instead of stopping at the first one."},
+    )
+    pairs: str = field(
+        default="best_worst",
+        metadata={"help": "DPO preference pairs, comma-separated kinds: best_worst (each user turn's best-ranked "
+                  "reply against its worst-ranked), all_ranked (every two ranked replies, the better chosen), "
+                  "concise (added to best_worst unless all_ranked is named: replies ranked at most "
+                  "--concise_rank_gap apart under a stated word limit that the shorter obeys and the longer breaks, "
+                  "the shorter chosen)."},
+    )
+    concise_rank_gap: int = field(
+        default=1, metadata={"help": "--pairs concise: the most two replies' ranks may differ (1: neighbours)."}
     )
 
 
@@ -548,16 +579,17 @@ def sft_rows(trees: list) -> list[dict]:
     rows = []
     for _, convs in trees:
         for conv in convs:
-            messages = [{"role": ROLES[m["role"]], "content": m["text"]} for m in conv]
+            messages = as_messages(conv)
             rows.append({"text": format_chat(messages), "messages": messages, "word_limit": None})
     return rows
 
 
-def concise_limit(words: int, rng: random.Random) -> tuple[str, int] | None:
+def concise_limit(words: int, rng: random.Random, below: float = math.inf) -> tuple[str, int] | None:
     """A limit instruction that a reply of `words` words obeys, and its bound: a random
-    phrasing, N from the CONCISE_TIGHTEST smallest of WORD_LIMITS that fit. None if none fits."""
+    phrasing, N from the CONCISE_TIGHTEST smallest of WORD_LIMITS that fit (with a bound
+    under `below`: one a longer reply of `below` words breaks). None if none fits."""
     template = rng.choice(WORD_LIMIT_TEMPLATES)
-    fits = [n for n in WORD_LIMITS if limit_of(template, n) >= words]
+    fits = [n for n in WORD_LIMITS if words <= limit_of(template, n) < below]
     if words < 1 or not fits:
         return None
     n = rng.choice(fits[:CONCISE_TIGHTEST])
@@ -607,6 +639,148 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
         n, template = rng.choice(WORD_LIMITS), rng.choice(WORD_LIMIT_TEMPLATES)
         rows.append({"prompt": with_instruction(prompt, template.format(n=n)), "word_limit": limit_of(template, n)})
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Preference pairs for DPO: replies to the same user turn, ranked by the volunteers.
+# ---------------------------------------------------------------------------------------
+PAIR_KINDS = ("best_worst", "all_ranked", "concise")
+PAIR_FILES = ("pairs_train.jsonl", "pairs_eval.jsonl")
+# Why a user turn with two or more replies gave no ranked pair, or a pair was left out.
+PAIR_SKIPS = ("unranked", "tied_rank", "same_text")
+
+
+def as_messages(path: list[dict]) -> list[dict]:
+    return [{"role": ROLES[m["role"]], "content": m["text"]} for m in path]
+
+
+def pair_kinds(spec: str) -> set[str]:
+    kinds = {k.strip() for k in spec.split(",") if k.strip()}
+    if not kinds or kinds - set(PAIR_KINDS):
+        raise InputError(f"--pairs {spec!r}: expected a comma-separated subset of {', '.join(PAIR_KINDS)}")
+    if kinds == {"concise"}:
+        kinds.add("best_worst")  # concise pairs come beside the people's own preferences, never alone
+    return kinds
+
+
+def reply_groups(roots: list[dict], kept: dict) -> list[tuple[list[dict], list[dict]]]:
+    """(the chat up to a user turn, its surviving assistant replies best first) for every
+    user turn with two or more replies, in tree order."""
+    groups, stack = [], [[root] for root in reversed(roots)]
+    while stack:
+        path = stack.pop()
+        replies = kept.get(path[-1]["id"], [])
+        if path[-1]["role"] == "prompter" and len(replies) >= 2:
+            groups.append((path, replies))
+        stack.extend(path + [reply] for reply in reversed(replies))
+    return groups
+
+
+def pair_row(messages: list[dict], chosen: dict, rejected: dict, kind: str, word_limit: int | None = None) -> dict:
+    """TRL's conversational preference format (prompt: the chat so far; chosen, rejected:
+    one assistant turn each), with where the pair came from."""
+    return {"prompt": messages,
+            "chosen": [{"role": "assistant", "content": chosen["text"]}],
+            "rejected": [{"role": "assistant", "content": rejected["text"]}],
+            "kind": kind, "ranks": [chosen["rank"], rejected["rank"]], "word_limit": word_limit,
+            "tree": chosen["tree"]}
+
+
+def ranked_pairs(path: list[dict], replies: list[dict], every_pair: bool, skipped: Counter) -> list[dict]:
+    """The best-ranked reply against the worst-ranked one (or every two ranked replies, the
+    better one chosen). Rank 0 is the volunteers' best; unranked replies take no part."""
+    ranked = [r for r in replies if r["rank"] is not None]  # best first (rank_key)
+    if len(ranked) < 2:
+        skipped["unranked"] += 1
+        return []
+    rows = []
+    for better, worse in itertools.combinations(ranked, 2) if every_pair else [(ranked[0], ranked[-1])]:
+        if better["rank"] == worse["rank"]:
+            skipped["tied_rank"] += 1
+        elif better["text"] == worse["text"]:
+            skipped["same_text"] += 1
+        else:
+            rows.append(pair_row(as_messages(path), better, worse, "ranked"))
+    return rows
+
+
+def concise_pairs(path: list[dict], replies: list[dict], rank_gap: int, rng: random.Random) -> list[dict]:
+    """For two replies the volunteers ranked at most `rank_gap` apart, a word limit the
+    shorter obeys and the longer breaks, appended to the user's turn as the concise SFT
+    examples and the GRPO prompts add it; the shorter reply is chosen. The limit is what
+    the pair teaches: without one, the ranked pairs keep the people's own choice, long or
+    short (data_prep's summary says how often that is the longer reply)."""
+    ranked = [r for r in replies if r["rank"] is not None]
+    words = {r["id"]: count_words(r["text"]) for r in ranked}
+    rows = []
+    for a, b in itertools.combinations(ranked, 2):
+        short, long_ = sorted((a, b), key=lambda m: words[m["id"]])
+        if abs(a["rank"] - b["rank"]) > rank_gap or words[short["id"]] == words[long_["id"]]:
+            continue
+        limit = concise_limit(words[short["id"]], rng, below=words[long_["id"]])
+        if limit is None:
+            continue  # no limit of WORD_LIMITS falls between the two lengths
+        instruction, bound = limit
+        messages = as_messages(path)
+        messages[-1]["content"] = with_instruction(messages[-1]["content"], instruction)
+        rows.append(pair_row(messages, short, long_, "concise", bound))
+    return rows
+
+
+def preference_pairs(roots: list[dict], kept: dict, train_trees: list, eval_trees: list, args: ScriptArguments,
+                     summary: dict) -> tuple[list[dict], list[dict]]:
+    """(train pairs, eval pairs), split as the SFT files are: a pair goes where its tree
+    went. Counts and skips go into `summary`."""
+    kinds = pair_kinds(args.pairs)
+    train_ids = {root["tree"] for root, _ in train_trees}
+    eval_ids = {root["tree"] for root, _ in eval_trees}
+    rng = random.Random(f"{args.seed}:pairs")
+    skipped = Counter(dict.fromkeys(PAIR_SKIPS, 0))
+    groups = reply_groups(roots, kept)
+    rows = []
+    for path, replies in groups:
+        rows += ranked_pairs(path, replies, "all_ranked" in kinds, skipped)
+        if "concise" in kinds:
+            rows += concise_pairs(path, replies, args.concise_rank_gap, rng)
+    train = shuffled([r for r in rows if r["tree"] in train_ids], random.Random(f"{args.seed}:pairs_train"))
+    held_out = shuffled([r for r in rows if r["tree"] in eval_ids], random.Random(f"{args.seed}:pairs_eval"))
+    ranked = [r for r in rows if r["kind"] == "ranked"]
+    summary.update(
+        pair_kinds=sorted(kinds),
+        reply_groups=len(groups),
+        pairs_skipped=dict(skipped),
+        pairs_train=dict(Counter(r["kind"] for r in train)),
+        pairs_eval=dict(Counter(r["kind"] for r in held_out)),
+        # How often the people preferred the shorter reply: the length signal the ranked
+        # pairs carry, beside the concise pairs' (always the shorter, under a stated limit).
+        ranked_chosen_shorter=sum(count_words(r["chosen"][0]["content"]) < count_words(r["rejected"][0]["content"])
+                                  for r in ranked),
+        ranked_pairs=len(ranked),
+        concise_chosen_ranked_better=sum(r["ranks"][0] < r["ranks"][1] for r in rows if r["kind"] == "concise"),
+    )
+    return train, held_out
+
+
+def pair_summary_lines(s: dict) -> list[str]:
+    def by_kind(counts):
+        return ", ".join(f"{k} {n:,}" for k, n in sorted(counts.items())) or "none"
+
+    skipped = ", ".join(f"{reason} {n:,}" for reason, n in s["pairs_skipped"].items() if n) or "none"
+    lines = [
+        f"  DPO pairs          {sum(s['pairs_train'].values()):>8,}   train ({by_kind(s['pairs_train'])}); eval "
+        f"{sum(s['pairs_eval'].values()):,} ({by_kind(s['pairs_eval'])}); --pairs {','.join(s['pair_kinds'])}",
+        f"  reply groups       {s['reply_groups']:>8,}   (user turns with 2+ replies) skipped: {skipped}",
+    ]
+    if not s["ranked_pairs"]:
+        lines.append("  no DPO pairs: no user turn has two replies ranked against each other (oasst1's `rank`)")
+        return lines
+    lines.append(f"  shorter chosen     {s['ranked_chosen_shorter']:>8,}   of {s['ranked_pairs']:,} ranked pairs "
+                 "(the people's choice)")
+    concise = s["pairs_train"].get("concise", 0) + s["pairs_eval"].get("concise", 0)
+    if concise:
+        lines.append(f"  concise pairs      {concise:>8,}   the shorter chosen under a limit the prompt states; "
+                     f"{s['concise_chosen_ranked_better']:,} of them ranked better by the people")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -666,6 +840,7 @@ def main(args: ScriptArguments) -> dict:
     held_out = shuffled(sft_rows(eval_trees), random.Random(f"{args.seed}:eval"))
     grpo = prompt_rows(train_trees, args.word_limit_fraction, random.Random(f"{args.seed}:grpo"))
     heldout_prompts = prompt_rows(eval_trees, args.word_limit_fraction, random.Random(f"{args.seed}:heldout"))
+    pairs_train, pairs_eval = preference_pairs(roots, kept, train_trees, eval_trees, args, summary)
 
     summary.update(
         trees_with_conversations=len(trees),
@@ -688,7 +863,7 @@ def main(args: ScriptArguments) -> dict:
         summary["token_lengths"] = token_lengths(args.tokenizer, [r["text"] for r in train], args.max_length)
 
     # Everything is built and checked: only now touch the output directory.
-    outputs = dict(zip(OUTPUT_FILES, (train, held_out, grpo, heldout_prompts)))
+    outputs = dict(zip(OUTPUT_FILES, (train, held_out, grpo, heldout_prompts, pairs_train, pairs_eval)))
     for name, rows in outputs.items():
         write_jsonl_atomic(out_dir / name, rows)
     summary["files"] = [str(out_dir / name) for name in outputs]
@@ -708,6 +883,9 @@ def check_args(args: ScriptArguments) -> None:
                          f"got {args.concise_share}")
     if args.max_examples < 1 or args.max_length < 1:
         raise InputError("--max_examples and --max_length must be at least 1")
+    pair_kinds(args.pairs)
+    if args.concise_rank_gap < 0:
+        raise InputError(f"--concise_rank_gap must be 0 or more (ranks apart), got {args.concise_rank_gap}")
     if not args.lang.strip():
         raise InputError("--lang must be a language code such as en, or all")
 
@@ -760,6 +938,7 @@ def print_summary(s: dict) -> None:
             f"  train tokens ({t['tokenizer']}): p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']}; "
             f"{t['over_max_length']:,} over --max_length {t['max_length']}"
         )
+    lines += pair_summary_lines(s)
     lines.append("  wrote " + ", ".join(s["files"]))
     print("\n".join(lines))
 

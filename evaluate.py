@@ -1,4 +1,4 @@
-"""Compare the base model, the SFT adapter and the GRPO adapter on held-out prompts.
+"""Compare the base model and the SFT, DPO and GRPO adapters on held-out prompts.
 
 One base model is loaded (4-bit NF4, as in training) and the adapters are switched on it,
 so three models cost the memory of one. Each answers every prompt greedily, in batches;
@@ -6,6 +6,7 @@ the answers are scored with the GRPO rewards and summarised per model:
 
     python evaluate.py                                   # base, SFT and GRPO on data/heldout_prompts.jsonl
     python evaluate.py --models base,sft                 # any subset, in any order
+    python evaluate.py --models base,sft,dpo,grpo        # with dpo_train.py's adapter too
     python evaluate.py --prompts_file my_prompts.txt     # .jsonl rows {"prompt", "word_limit"} or .txt lines
 
 Writes `report.json` (settings, metrics, every answer with its scores), `report.md` (the
@@ -27,6 +28,10 @@ Metrics, per model (w = an answer's words, counted as the rewards count them):
   <reward> per reward    mean of each of REWARD_FUNCS over all prompts (the word
                          limit reward is 0 for prompts without a limit), and `reward`,
                          their sum weighted by REWARD_WEIGHTS, as GRPO logs it
+  preference_accuracy    on the held-out pairs of `--pairs_file` (data_prep.py's
+                         pairs_eval.jsonl): share of pairs whose chosen reply the model
+                         finds more likely, by summed log-probs (the margin DPO trains);
+                         `_per_token` by the mean log-prob a token, blind to length
 Greedy decoding, so the same weights give the same answers; `--seed` picks the prompts
 shown in report.md.
 """
@@ -46,6 +51,7 @@ from phi2qlora.args import parse_script_args
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import atomic_path, check_adapter_folder, read_prompt_rows, write_atomic
 from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from phi2qlora.pairs import read_pair_rows
 from phi2qlora.rewards import (
     REPETITION_FREE,
     REWARD_FUNCS,
@@ -57,7 +63,8 @@ from phi2qlora.rewards import (
 )
 from phi2qlora.word_limits import describe_limit, row_limit
 
-MODELS = ("base", "sft", "grpo")
+MODELS = ("base", "sft", "dpo", "grpo")
+DEFAULT_PAIRS = "data/pairs_eval.jsonl"
 
 
 @dataclass
@@ -66,7 +73,9 @@ class EvalArguments:
     model_revision: str = field(default="main", metadata={"help": "the base model's revision"})
     sft_adapter: str = field(default="outputs/phi2-oasst1-qlora", metadata={"help": "sft_qlora.py's output dir"})
     grpo_adapter: str = field(default="outputs/phi2-oasst1-grpo", metadata={"help": "grpo_train.py's output dir"})
-    models: str = field(default="base,sft,grpo", metadata={"help": "which to compare, comma-separated: base, sft, grpo"})
+    dpo_adapter: str = field(default="outputs/phi2-oasst1-dpo", metadata={"help": "dpo_train.py's output dir"})
+    models: str = field(default="base,sft,grpo",
+                        metadata={"help": "which to compare, comma-separated: base, sft, dpo, grpo"})
     prompts_file: str = field(default="data/heldout_prompts.jsonl",
                               metadata={"help": ".jsonl rows {'prompt', 'word_limit'} (data_prep.py) or .txt, one per line"})
     max_prompts: int | None = field(default=None, metadata={"help": "use the first N prompts only"})
@@ -85,6 +94,12 @@ class EvalArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "attention kernel (sdpa is fp16-safe on a T4)"})
     sample_prompts: int = field(default=8, metadata={"help": "prompts shown side by side in report.md"})
     seed: int = field(default=42, metadata={"help": "picks the prompts shown in report.md; seeds torch too"})
+    pairs_file: str = field(default=DEFAULT_PAIRS, metadata={
+        "help": "preference pairs (data_prep.py's pairs_eval.jsonl) for the preference accuracy; '' for none. The "
+                "default is skipped with a note when it is not there"})
+    max_pairs: int | None = field(default=None, metadata={"help": "score the first N pairs only"})
+    # DPO's T4 recipe cuts prompt + reply at 512 tokens: the margins measured are the ones it trains.
+    pairs_max_length: int = field(default=512, metadata={"help": "cut each prompt + reply at this many tokens"})
 
 
 def requested_models(args: EvalArguments) -> dict[str, str | None]:
@@ -95,8 +110,8 @@ def requested_models(args: EvalArguments) -> dict[str, str | None]:
         raise InputError(f"--models {args.models!r}: expected a comma-separated subset of {', '.join(MODELS)}")
     if len(set(names)) != len(names):
         raise InputError(f"--models {args.models!r}: a model is named twice")
-    dirs = {"base": None, "sft": args.sft_adapter, "grpo": args.grpo_adapter}
-    script = {"sft": "sft_qlora.py", "grpo": "grpo_train.py"}
+    dirs = {"base": None, "sft": args.sft_adapter, "dpo": args.dpo_adapter, "grpo": args.grpo_adapter}
+    script = {"sft": "sft_qlora.py", "dpo": "dpo_train.py", "grpo": "grpo_train.py"}
     for name in names:
         if name != "base":
             check_adapter_folder(dirs[name], f"--{name}_adapter",
@@ -196,6 +211,66 @@ def summarise(scored: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# Preference accuracy: does the model prefer the reply the people chose?
+# ---------------------------------------------------------------------------------------
+def pair_rows(args: EvalArguments) -> list[dict]:
+    """The held-out pairs, checked before anything loads; none if `--pairs_file ''`, or if
+    the default file is not there (data_prep.py before DPO existed, or a prompts-only run)."""
+    if (args.max_pairs is not None and args.max_pairs < 1) or args.pairs_max_length < 1:
+        raise InputError("--max_pairs and --pairs_max_length must be at least 1")
+    if not args.pairs_file:
+        return []
+    if args.pairs_file == DEFAULT_PAIRS and not Path(DEFAULT_PAIRS).is_file():
+        print(f"[eval] no {DEFAULT_PAIRS} (data_prep.py writes it): no preference accuracy")
+        return []
+    return [row for _, row in read_pair_rows(args.pairs_file)][: args.max_pairs]
+
+
+def preference_metrics(model, tokenizer, names: list[str], pairs: list[dict], args: EvalArguments) -> dict:
+    """`{name: {preference_accuracy, preference_accuracy_per_token, preference_pairs,
+    preference_by_kind}}`, each model scoring the same pairs (None without pairs)."""
+    from phi2qlora.pairs import completion_logps, preference_accuracy
+
+    out = {}
+    for name in names:
+        if not pairs:
+            out[name] = {"preference_accuracy": None, "preference_accuracy_per_token": None, "preference_pairs": 0}
+            continue
+        with as_model(model, name):
+            chosen, rejected = completion_logps(model, tokenizer, pairs, args.pairs_max_length, args.batch_size)
+        by_kind = {}
+        for kind in sorted({row.get("kind", "ranked") for row in pairs}):
+            i = [j for j, row in enumerate(pairs) if row.get("kind", "ranked") == kind]
+            c, r = [chosen[j] for j in i], [rejected[j] for j in i]
+            by_kind[kind] = {"pairs": len(i), "accuracy": preference_accuracy(c, r),
+                             "per_token": preference_accuracy(c, r, per_token=True)}
+        out[name] = {"preference_accuracy": preference_accuracy(chosen, rejected),
+                     "preference_accuracy_per_token": preference_accuracy(chosen, rejected, per_token=True),
+                     "preference_pairs": len(pairs), "preference_by_kind": by_kind}
+    return out
+
+
+def preference_markdown(report: dict) -> str:
+    """The note under the table on preference accuracy, and its split by pair kind."""
+    first = next(iter(report["metrics"].values()))
+    if not first.get("preference_pairs"):
+        return ""
+    lines = [f"Preference accuracy: on {first['preference_pairs']} pairs of `{report['settings']['pairs_file']}`, "
+             "the share whose chosen reply the model finds more likely, by summed log-probs (the margin DPO "
+             "trains; it favours the shorter reply) and per token (blind to length).\n"]
+    kinds = list(first["preference_by_kind"])
+    if len(kinds) > 1:
+        lines.append("| model | " + " | ".join(f"{k} ({first['preference_by_kind'][k]['pairs']})" for k in kinds)
+                     + " |\n| --- |" + " ---: |" * len(kinds))
+        for name, m in report["metrics"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{m['preference_by_kind'][k]['accuracy']:.2f} / {m['preference_by_kind'][k]['per_token']:.2f}"
+                for k in kinds) + " |")
+        lines.append("\nBy pair kind: summed / per token.\n")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
 # The report: JSON for programs, Markdown for people, a chart for a glance.
 # ---------------------------------------------------------------------------------------
 COLUMNS = [  # (metric, header, format)
@@ -207,6 +282,8 @@ COLUMNS = [  # (metric, header, format)
     ("empty_rate", "empty", ".2f"),
     *((f.__name__, f.__name__.removesuffix("_reward").replace("_", " "), "+.2f") for f in REWARD_FUNCS),
     ("reward", "reward (weighted)", "+.2f"),
+    ("preference_accuracy", "preference accuracy", ".2f"),
+    ("preference_accuracy_per_token", "pref. acc. per token", ".2f"),
 ]
 
 
@@ -239,6 +316,7 @@ def report_markdown(report: dict, shown: list[int]) -> str:
         "`<|end|>` within the token cap. Repetitive: repetition above "
         f"{REPETITION_FREE}. Rewards: means of rewards.py's rewards; weighted with "
         + ", ".join(f"{name} {w:g}" for name, w in REWARD_WEIGHTS.items()) + ".\n",
+        preference_markdown(report),
         f"## Answers side by side ({len(shown)} of {len(first)} prompts, seed {settings['seed']})\n",
     ]
     for i in shown:
@@ -283,6 +361,7 @@ def main(args: EvalArguments) -> dict:
     # Everything the user gave is checked before the model loads: a typo costs seconds.
     models = requested_models(args)
     rows = read_prompt_rows(args.prompts_file)[: args.max_prompts]
+    pairs = pair_rows(args)
     if min(args.batch_size, args.max_new_tokens, 1 if args.max_prompts is None else args.max_prompts) < 1:
         raise InputError("--batch_size, --max_new_tokens and --max_prompts must be at least 1")
     dtype = pick_dtype(args.dtype)
@@ -294,6 +373,8 @@ def main(args: EvalArguments) -> dict:
 
     answers = {name: score_answers(rows, generated[name][0]) for name in models}
     metrics = {name: {**summarise(answers[name]), "seconds": round(generated[name][1], 2)} for name in models}
+    for name, preference in preference_metrics(model, tokenizer, list(models), pairs, args).items():
+        metrics[name].update(preference)
     report = {
         "settings": {**asdict(args), "adapters": {n: d for n, d in models.items() if d}, "prompts": len(rows),
                      "compute_dtype": str(dtype).split(".")[-1]},

@@ -29,7 +29,15 @@ from phi2qlora.chat import format_prompt
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.fast_training import use_fast_training
 from phi2qlora.files import check_adapter_folder, check_limit, file_sha256, read_prompt_rows
-from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, model_kwargs, pick_dtype
+from phi2qlora.model import (
+    load_adapter,
+    load_base_model,
+    load_chat_tokenizer,
+    model_kwargs,
+    pick_dtype,
+    restore_sft_weights,
+    trainable_weights,
+)
 from phi2qlora.rewards import REWARD_FUNCS, make_reward_funcs, reward_weights, word_limit_compliance, word_limit_reward
 from phi2qlora.training import claim_output_dir, plot_history, train_guarded
 from phi2qlora.word_limits import count_words
@@ -81,21 +89,6 @@ def with_stats(reward_func):
         return reward_func(prompts=prompts, completions=completions, **kwargs)
 
     return word_limit_reward  # TRL logs each reward under its function's name
-
-
-def restore_sft_weights(model, sft_weights: dict) -> None:
-    """Put the exact SFT adapter back into the policy and its frozen `ref` copy once
-    GRPOTrainer is built. TRL rounds a quantised model's trainable weights to bf16, which
-    moves the policy off the SFT model and breaks fp16 training on a T4 (model.upcast_trainable_params),
-    and its `ref` copy takes the LoRA weights (names with '.default.') but not the chat-token
-    rows (names ending in '.default'), so without this the KL would not start at zero."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in sft_weights.items():
-            params[name].data = value.clone()  # fp32, as AMP wants trainable weights
-            ref = name.replace(".default.", ".ref.") if ".default." in name else name[: -len("default")] + "ref"
-            if ref in params:
-                params[ref].data = value.clone()
 
 
 class FastRolloutGRPOTrainer(GRPOTrainer):
@@ -152,7 +145,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
 
     model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
     model = load_adapter(model, script_args.sft_adapter, trainable=True)
-    sft_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    sft_weights = trainable_weights(model)
     reward_funcs = [with_stats(f) if f.func is word_limit_reward else f
                     for f in make_reward_funcs(tokenizer)]
     if training_args.reward_weights is None:  # the weights evaluate.py totals with, unless the recipe sets its own

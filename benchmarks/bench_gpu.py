@@ -12,7 +12,9 @@ each job in its own process, so every peak is clean and a crash or OOM loses one
   preview  the preview callback's seconds per preview and its share of training time at
            the recipe's cadence (measured inside the recipe's SFT job).
   export   export_model.py on the SFT adapter: merged, saved, checked (T4 mode: fp16);
-  app      app.py's columns on the GPU: NF4 base, adapters taking turns, answers streamed.
+  app      app.py's columns on the GPU: NF4 base, adapters taking turns, answers streamed;
+  dpo      optimizer steps of `dpo_train.main` (T4 recipe) on synthetic pairs, with the
+           SFT adapter's `ref` copy as reference or the reference precomputed.
 
 Timing: a callback synchronises the GPU at each optimizer step's end; the first
 `--warmup` steps are dropped; tokens/s is the measured steps' tokens over their time
@@ -25,6 +27,7 @@ reports the tokens/s of both GPUs on rank 0 (SFT jobs only, run in-process one a
 
     python benchmarks/bench_gpu.py --jobs run2          # a set of jobs: bf16 (Ampere+), memory free
     python benchmarks/bench_gpu.py --t4 --jobs t4       # fp16, capped at 15 GiB, 30 steps each
+    python benchmarks/bench_gpu.py --t4 --jobs dpo      # DPO's T4 recipe, both references, 30 steps each
     python benchmarks/bench_gpu.py --list               # the sets, the jobs and what each one changes
 
 Prints a table at the end and writes `results.json` (and profiles) to `--out`.
@@ -734,6 +737,84 @@ MIN_SECONDS = {"sft": 45, "rollout": 60, "grpo": 120, "export": 60, "app": 45, "
 
 
 # ---------------------------------------------------------------------------------------
+# DPO (issue 29): its job kind and its set, in one block.
+# ---------------------------------------------------------------------------------------
+DPO_RECIPE = ROOT / "recipes" / "dpo_phi2_t4.yaml"
+
+
+def synth_pairs(tokenizer, n: int, seed: int = 3, prompt_median: float = 60, reply_median: float = 280,
+                sigma: float = 0.5) -> list[dict]:
+    """Preference pairs in TRL's conversational format, seeded: a one-turn prompt and two
+    replies of independent lognormal lengths (tokens). With a 280-token median most micro-
+    batches of 4 pairs hold a reply that reaches the recipe's 512-token cap, as oasst1's
+    long best replies do, so the step is timed at the recipe's full length."""
+    rng, words = random.Random(seed), sample_words()
+    ratio = tokens_per_word(tokenizer, words, rng)
+
+    def text(median):
+        return " ".join(rng.choice(words) for _ in range(max(1, round(rng.lognormvariate(math.log(median), sigma)
+                                                                      / ratio))))
+
+    return [{"prompt": [{"role": "user", "content": text(prompt_median)}],
+             "chosen": [{"role": "assistant", "content": text(reply_median)}],
+             "rejected": [{"role": "assistant", "content": text(reply_median)}]} for _ in range(n)]
+
+
+def run_dpo(job: dict, ctx: dict) -> dict:
+    """`dpo_train.main` with the T4 recipe from the SFT adapter, for `steps` optimizer steps
+    on exactly as many synthetic pairs as they use (the precompute scores every pair it is
+    given), no previews, no checkpoints, every loss logged. `setup_s`: from the call to the first step (the
+    models, the data and, with precompute_ref_log_probs, the reference pass)."""
+    import dpo_train
+    from phi2qlora.model import load_chat_tokenizer
+    from transformers import TrainerCallback
+
+    recipe = ctx.get("dpo_recipe", str(DPO_RECIPE))
+    steps = job.get("steps_override") or job["steps"]
+    argv = ["--config", recipe, "--model_name_or_path", ctx["model_dir"], "--sft_adapter", ctx["adapter"],
+            "--eval_file", "", "--output_dir", str(Path(ctx["work"]) / slug(job["name"])), "--max_steps", str(steps),
+            "--report_to", "none", "--save_strategy", "no", "--preview_steps", "0", "--logging_steps", "1",
+            "--dtype", dtype_name(ctx), "--resume", "false", *job.get("args", []), *ctx.get("dpo_overrides", [])]
+    script_args, training_args, model_args = dpo_train.parse_args(argv)
+    pairs = steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    train_file = write_jsonl(Path(ctx["work"]) / f"pairs_{pairs}.jsonl",
+                             synth_pairs(load_chat_tokenizer(ctx["adapter"]), pairs))
+    script_args.train_file, script_args.max_train_examples = str(train_file), pairs
+    started = {}
+
+    class FirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            started["s"] = time.perf_counter()
+
+    timer = step_timer(job["warmup"], None)
+    start = time.perf_counter()
+    trainer = dpo_train.main(script_args, training_args, model_args, callbacks=[FirstStep(), timer])
+    return {**summarize(timer.times, timer.tokens), **memory(), **finite_logs(trainer.state.log_history),
+            "wall_s": time.perf_counter() - start, "setup_s": started["s"] - start,
+            "steps": trainer.state.global_step, "pairs_per_step": pairs // steps,
+            "reference": "precomputed" if training_args.precompute_ref_log_probs else "ref adapter",
+            "max_length": training_args.max_length}
+
+
+def dpo_note(r: dict) -> str:
+    return (f"{r['steps']} steps, {r['pairs_per_step']} pairs/step, reference {r['reference']}, "
+            f"setup {r['setup_s']:.0f} s" + ("" if r.get("finite", True) else " NaN!"))
+
+
+RUNNERS["dpo"] = run_dpo
+MIN_SECONDS["dpo"] = 150
+JOBS["dpo"] = [
+    dict(name="t4 dpo recipe", kind="dpo", steps=30, warmup=3,
+         why="recipes/dpo_phi2_t4.yaml as it stands (the `ref` adapter scores the reference each step), fp16"),
+    dict(name="t4 dpo precompute", kind="dpo", steps=30, warmup=3, args=["--precompute_ref_log_probs", "true"],
+         why="the same with the reference scored once for every pair before training"),
+]
+JOBS["dpo"] += [dict(job, name=job["name"] + " fast", args=[*job.get("args", []), "--fast_training", "true"],
+                     why=job["why"] + ", on the fast layers") for job in list(JOBS["dpo"])]
+ALL_JOBS.update({j["name"]: j for j in JOBS["dpo"]})
+
+
+# ---------------------------------------------------------------------------------------
 # Orchestration: prepare once, one process per job, a table at the end.
 # ---------------------------------------------------------------------------------------
 def slug(name: str) -> str:
@@ -878,6 +959,8 @@ def table(results: list[dict]) -> str:
             notes.append(", ".join(f"{key} {c['seconds']:.1f} s" + ("" if c["grew"] and c["same_as_generate"]
                                                                    else " MISMATCH")
                                    for key, c in r["columns"].items()) + ("" if r["finite"] else " NaN!"))
+        if r["kind"] == "dpo":
+            notes.append(dpo_note(r))
         if r["kind"] == "grpo":
             notes.append(f"{r.get('steps')} steps, {r.get('completions_per_step')} completions/step"
                          + ("" if r.get("finite", True) else " NaN!"))
@@ -949,7 +1032,7 @@ def main(argv=None) -> list[dict]:
         ctx = prepare(args)
     print(f"[bench] prepared in {time.perf_counter() - started:.0f} s: {ctx['model_dir']}, {len(jobs)} jobs", flush=True)
 
-    needs_adapter = any(j["kind"] in ("rollout", "grpo", "export", "app") for j in jobs)
+    needs_adapter = any(j["kind"] in ("rollout", "grpo", "export", "app", "dpo") for j in jobs)
     adapter_job = ensure_adapter(ctx) if needs_adapter and not distributed else None
     results = []
     for job in ([adapter_job] if adapter_job else []) + jobs:

@@ -3,6 +3,7 @@
     chat         the chat tokens, the template, turns as text, the preview prompts
     word_limits  counting words as IFEval does, the limit phrasings, reading a limit back
     rewards      GRPO's reward functions and their weights
+    pairs        DPO's preference pairs: reading, tokenising as TRL does, preference accuracy
     errors       InputError / RunFault: one line on stderr, no traceback
     files        the JSONL reader, atomic writes, checks of output paths and model folders
     recipes      reading and checking YAML recipes, with file:line

@@ -77,6 +77,20 @@ class GRPOScriptArguments(RunArguments):
     )
 
 
+@dataclass
+class DPOScriptArguments(SFTScriptArguments):
+    """dpo_train.py's options beside TRL's DPOConfig and ModelConfig: SFT's data and preview
+    options, read as pairs (max_train_examples caps the pairs), and the SFT adapter."""
+
+    train_file: str = field(default="data/pairs_train.jsonl", metadata={"help": "data_prep.py's pairs_train.jsonl"})
+    eval_file: str | None = field(default="data/pairs_eval.jsonl", metadata={"help": "held-out pairs; '' for none"})
+    sft_adapter: str = field(default="outputs/phi2-oasst1-qlora", metadata={"help": "sft_qlora.py's output dir"})
+    max_prompt_tokens: int = field(
+        default=256, metadata={"help": "drop pairs with a longer prompt (the chat so far); below max_length, which "
+                                       "cuts prompt + reply"}
+    )
+
+
 def parse_config(dataclass_types, argv: list[str], default_recipe=None) -> tuple:
     """Parse `--config recipe.yaml` (default: `default_recipe`; none if that is None too)
     and the flags over it into `dataclass_types`, everything checked first."""

@@ -233,6 +233,31 @@ def upcast_trainable_params(model) -> None:
             p.data = p.data.float()
 
 
+def trainable_weights(model) -> dict:
+    """A float32 copy of every trainable parameter, by name: the adapter as loaded, for
+    restore_sft_weights once a TRL trainer has changed it."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_sft_weights(model, sft_weights: dict) -> None:
+    """Put the exact SFT adapter back into the policy and its frozen `ref` copy once
+    GRPOTrainer or DPOTrainer (trl 1.16) is built from a loaded adapter. TRL rounds a
+    quantised model's trainable weights to bf16, which moves the policy off the SFT model
+    and breaks fp16 training on a T4 (upcast_trainable_params), and its `ref` copy takes the
+    LoRA weights (names with '.default.') but not the chat-token rows (names ending in
+    '.default'), so without this the reference would not be the SFT model: GRPO's KL would
+    not start at zero, nor DPO's rewards."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in sft_weights.items():
+            params[name].data = value.clone()  # fp32, as AMP wants trainable weights
+            ref = name.replace(".default.", ".ref.") if ".default." in name else name[: -len("default")] + "ref"
+            if ref in params:
+                params[ref].data = value.clone()
+
+
 def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name: str = "default"):
     """A saved adapter (LoRA + trainable chat-token rows) on top of `load_base_model`'s
     model, or added beside the adapters of a PeftModel under another name (switch with

@@ -12,6 +12,7 @@ round ("don't use more than 40 words": max 40)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from numbers import Integral, Real
@@ -249,6 +250,7 @@ def within(limit: tuple[str, int], words: int) -> bool:
     return abs(words - n) <= max(ABOUT_TOLERANCE[0], ABOUT_TOLERANCE[1] * n)
 
 
+@functools.lru_cache(maxsize=None)  # data_prep asks it for every pair and example, of a few dozen (template, n)
 def limit_of(template: str, n: int) -> int:
     """The most words that obey `template` with `n`, as the rewards read it ("under 50": 49)."""
     kind, bound = parse_word_limit(template.format(n=n))

@@ -155,3 +155,21 @@ def test_unknown_job_is_refused():
     with pytest.raises(SystemExit, match="unknown job"):
         bench.select_jobs("h100,nope")
     assert [j["name"] for j in bench.select_jobs("rollout,grpo-step")] == ["rollout", "grpo-step"]
+
+
+def test_dpo_jobs(ctx):
+    """The 'dpo' set at tiny scale: both references, their figures and the table's notes.
+    Each job writes exactly the pairs its steps use."""
+    small = {**ctx, "dpo_overrides": ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                                      "--max_length", "128", "--max_prompt_tokens", "64"]}
+    results = [bench.run_job_here(dict(job, steps=2, warmup=1), small) for job in bench.JOBS["dpo"]]
+    for r in results:
+        assert r["ok"] and r["finite"] and r["steps"] == 2 and r["steps_timed"] == 1, r
+        assert r["pairs_per_step"] == 2 and len(r["losses"]) == 2 and r["losses"][0] == pytest.approx(math.log(2))
+        assert r["setup_s"] > 0 and r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+    assert [r["reference"] for r in results] == ["ref adapter", "precomputed"]
+    text = bench.table(results)
+    assert "2 steps, 2 pairs/step, reference ref adapter" in text and "reference precomputed" in text
+    rows = [bench.json.loads(line) for line in open(bench.Path(ctx["work"]) / "pairs_4.jsonl", encoding="utf-8")]
+    assert len(rows) == 4 and all(r["chosen"] != r["rejected"] for r in rows)
+    assert [j["name"] for j in bench.select_jobs("dpo")] == ["t4 dpo recipe", "t4 dpo precompute"]

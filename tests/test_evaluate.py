@@ -121,7 +121,7 @@ def test_same_answers_on_a_rerun_with_a_subset(evaluated, tiny_model_dir, sample
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--models", "base,rlhf"], r"--models 'base,rlhf': expected a comma-separated subset of base, sft, grpo"),
+    (["--models", "base,rlhf"], r"--models 'base,rlhf': expected a comma-separated subset of base, sft, dpo, grpo"),
     (["--models", "sft,sft"], r"named twice"),
     (["--models", ""], r"expected a comma-separated subset"),
     (["--grpo_adapter", "MISSING"], r"--grpo_adapter .*MISSING: no adapter there .*run grpo_train\.py first"),

@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import sft_args, stop_at
+from test_dpo import dpo_args, pairs_dir  # noqa: F401 (a fixture)
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 
+import dpo_train
 import grpo_train
 import sft_qlora
 from phi2qlora import fast_training as ft
@@ -329,3 +331,16 @@ def test_tiny_grpo_recipe_trains_the_same_on_both_paths(sft_runs, tiny_model_dir
     assert len(logs["true"]) == 3
     for generic, fast in zip(logs["false"], logs["true"]):
         assert fast == pytest.approx(generic, rel=1e-4, abs=1e-6)
+
+
+def test_tiny_dpo_recipe_trains_the_same_on_both_paths(pairs_dir, tiny_model_dir, sft_runs, tmp_path):
+    """DPO's chosen and rejected rows, padded as TRL pads them, on both paths."""
+    logs = {}
+    for mode in ("false", "true"):
+        trainer = dpo_train.main(*dpo_args(tiny_model_dir, pairs_dir, sft_runs["false"][1], tmp_path / mode,
+                                           "--max_steps", "3", "--save_strategy", "no", "--logging_steps", "1",
+                                           "--fast_training", mode))
+        logs[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert ft.is_installed(trainer.model) == (mode == "true")
+    assert len(logs["true"]) == 3 and logs["true"][0] == pytest.approx(0.6931, abs=1e-3)  # log 2: the SFT reference
+    assert logs["true"] == pytest.approx(logs["false"], rel=1e-4)

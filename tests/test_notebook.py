@@ -29,6 +29,8 @@ TINY_PARAMETERS = {
                  "--preview_steps 2 --preview_max_new_tokens 8",
     "GRPO_FLAGS": "--max_steps 2 --num_generations 2 --per_device_train_batch_size 4 --max_completion_length 16 "
                   "--save_steps 2 --preview_steps 2 --preview_max_new_tokens 8",
+    "DPO_FLAGS": "--max_steps 2 --per_device_train_batch_size 2 --max_length 128 --max_prompt_tokens 64 "
+                 "--save_steps 2 --eval_steps 2 --preview_steps 2 --preview_max_new_tokens 8",
     "EVAL_FLAGS": "--max_new_tokens 16",
 }
 
@@ -127,19 +129,22 @@ def test_walkthrough_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
         assert elapsed < BUDGET_S
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     markdown = "\n".join(outputs_of(nb, "display_data", "text/markdown"))
-    assert "## Preview at step 0 (before training)" in markdown  # SFT's and GRPO's previews, inline
-    assert markdown.count("## Preview at step 2") == 2
-    assert "# Evaluation" in markdown and "| grpo |" in markdown  # evaluate.py's report.md
-    assert len(outputs_of(nb, "display_data", "image/png")) >= 3  # loss.png, rewards.png, report.png
+    assert "## Preview at step 0 (before training)" in markdown  # SFT's, GRPO's and DPO's previews, inline
+    assert markdown.count("## Preview at step 2") == 3
+    assert "# Evaluation" in markdown and "| grpo |" in markdown and "| dpo |" in markdown  # evaluate.py's report.md
+    assert "Preference accuracy: on " in markdown  # on the held-out pairs
+    assert len(outputs_of(nb, "display_data", "image/png")) >= 4  # loss.png twice, rewards.png, report.png
     streamed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
                        if o.output_type == "stream")
     assert "[sft] adapter, previews and loss.png" in streamed and "[grpo] adapter" in streamed
+    assert "[dpo] adapter" in streamed
     (sft_cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("!python sft_qlora.py")]
     assert sum(o.output_type == "stream" for o in sft_cell.outputs) > 5  # the log arrived in pieces, as it came
-    # The demo page, served from the kernel, answered one request with all three models.
+    # The demo page, served from the kernel, answered one request with all four models.
     assert "**Sent:** Explain why the sky is blue. Use at most 20 words." in streamed
-    assert all(f"\n{key}: " in streamed for key in ("base", "sft", "grpo")), streamed[-2000:]
+    assert all(f"\n{key}: " in streamed for key in ("base", "sft", "dpo", "grpo")), streamed[-2000:]
     for path in ("tiny-phi/model.safetensors", "data/train.jsonl", "sft/adapter_model.safetensors",
-                 "grpo/adapter_model.safetensors", "eval/report.json"):
+                 "grpo/adapter_model.safetensors", "dpo/adapter_model.safetensors", "data/pairs_eval.jsonl",
+                 "eval/report.json"):
         assert (work / path).is_file(), path
     assert snapshot(*defaults) == before  # nobody's demo outputs touched
