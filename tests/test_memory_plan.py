@@ -147,7 +147,8 @@ def test_dpo_counts_two_sequences_a_pair_and_the_reference_pass():
     adapter) adds to the peak, the precomputed reference does not; the `ref` copy of the
     adapter is counted either way."""
     assert mp.is_dpo(DPO) and not mp.is_dpo(SFT) and not mp.is_dpo(GRPO) and not mp.is_grpo(DPO)
-    sft_like = {**SFT_TRAINING, "per_device_train_batch_size": 8, "max_length": 512}
+    sft_like = {**SFT_TRAINING, "per_device_train_batch_size": 8, "max_length": 512,
+                "gradient_checkpointing": DPO["gradient_checkpointing"]}
     precomputed = {**DPO_TRAINING, "per_device_train_batch_size": 4, "precompute_ref_log_probs": True}
     parts = mp.estimate(precomputed).parts
     assert parts["activations"] == pytest.approx(mp.estimate(sft_like).parts["activations"])
