@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, sft_args, stop_at
+from conftest import ROOT, SAMPLE, pickles_under, sft_args, stop_at
 from safetensors.torch import load_file
 
 import evaluate
@@ -169,6 +169,19 @@ def test_resumed_grpo_equals_uninterrupted(tiny_model_dir, data_dir, sft_dir, tm
     assert logged(resumed).keys() == {3, 4}
     for step, values in logged(straight).items():
         assert logged(resumed)[step] == pytest.approx(values, abs=1e-6)
+
+    # --resume_from_checkpoint: the straight run's checkpoint-2 (its `ref` adapter with it),
+    # resumed into a new folder, ends where the straight run ended.
+    moved = grpo_train.main(*grpo_args(tiny_model_dir, data_dir, sft_dir, tmp_path / "c", *run,
+                                       "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2")))
+    assert logged(moved).keys() == {3, 4}
+    for step, values in logged(straight).items():
+        assert logged(moved)[step] == pytest.approx(values, abs=1e-6)
+    c = load_file(tmp_path / "c" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=0)
+    assert (tmp_path / "a" / "checkpoint-2" / "ref" / "adapter_model.safetensors").is_file()
+    assert pickles_under(tmp_path) == []  # no training_args.bin, optimizer.pt, rng_state.pth, ...
 
 
 LIMIT, NEW_TOKENS = 20, 96
