@@ -150,3 +150,25 @@ def test_a_script_that_does_not_resume_from_a_given_checkpoint_refuses_it():
     trainer = SimpleNamespace(args=SimpleNamespace(resume_from_checkpoint="out/checkpoint-4", world_size=1))
     with pytest.raises(InputError, match=r"--resume_from_checkpoint out/checkpoint-4: this script does not resume"):
         train_guarded(trainer, None, {})
+
+
+@pytest.mark.gpu
+def test_fp16_resume_keeps_the_loss_scaler(tiny_model_dir, sample_data_dir, tmp_path):
+    """fp16 mixed precision (a T4's only choice) saves the loss scaler's state too, without
+    pickle, and a run stopped at step 2 and resumed ends with the uninterrupted adapter."""
+    from conftest import stop_at
+    from safetensors.torch import load_file
+
+    from phi2qlora.checkpoints import SCALER_FILE
+
+    run = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--dtype", "float16", *FAST]
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "a", *run))
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *run), callbacks=[stop_at(2)])
+    scaler = load_state(tmp_path / "b" / "checkpoint-2" / SCALER_FILE, "redo")
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "b", *run))
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=0)  # CUDA kernels: not bit-exact
+    assert pickles_under(tmp_path) == []
