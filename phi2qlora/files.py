@@ -1,6 +1,7 @@
 """The user's files: read with errors that name the file and the line, written whole or
-not at all, and checked before any work (an output path the OS refuses, a folder that
-should hold a model or an adapter)."""
+not at all, and checked before any work (an output path the OS refuses or that overlaps an
+input, a folder that should hold a model or an adapter, a safetensors or JSON file cut
+short or garbled)."""
 
 from __future__ import annotations
 
