@@ -38,8 +38,15 @@ from phi2qlora.answers import generate_answers
 from phi2qlora.args import parse_script_args
 from phi2qlora.chat import CHAT_TOKENS, DEFAULT_PROMPTS
 from phi2qlora.errors import InputError, exit_on_input_error
-from phi2qlora.files import check_adapter_folder, is_adapter_folder
-from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, nf4_config, pick_dtype
+from phi2qlora.files import check_model_source, is_adapter_folder
+from phi2qlora.model import (
+    check_adapter_fits,
+    load_adapter,
+    load_base_model,
+    load_chat_tokenizer,
+    nf4_config,
+    pick_dtype,
+)
 from phi2qlora.word_limits import LIMIT_INSTRUCTION, count_words, limit_verdict, with_instruction
 
 if TYPE_CHECKING:
@@ -153,10 +160,10 @@ def adapter_folders(args: AppArguments) -> dict[str, str]:
     for name, default, script in ADAPTERS:
         given = getattr(args, name)
         folder = given or default
-        if is_adapter_folder(folder):
+        if given or is_adapter_folder(folder):
+            check_adapter_fits(folder, args.base, f"--{name}", "--base",
+                               what_to_do=f"give the output directory of {script}")
             found[name] = folder
-        elif given:
-            check_adapter_folder(given, f"--{name}", f"give the output directory of {script}")
         else:
             print(f"[app] no {name.upper()} adapter in {default} (not trained yet?): its column is left out")
     if not found:
@@ -214,6 +221,7 @@ def load_merged(folder: str, dtype, weights: str):
     if not (Path(folder) / "config.json").is_file():
         raise InputError(f"--merged {folder}: no model there (config.json missing); give a folder "
                          "export_model.py wrote")
+    check_model_source(folder, "--merged")  # every JSON and safetensors file whole
     missing = [t for t in CHAT_TOKENS if t not in AutoTokenizer.from_pretrained(folder).get_vocab()]
     if missing:  # load_chat_tokenizer would add them as new, untrained tokens: silent nonsense
         raise InputError(f"--merged {folder}: the tokenizer there lacks the chat tokens {missing}; "
@@ -464,8 +472,47 @@ def launch(demo: gr.Blocks, args: AppArguments | None = None, **kwargs):
     # System fonts: the default theme fetches Google Fonts, which an offline machine (or a
     # private one) should not need to render a page.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
-                       show_error=False, theme=theme, **kwargs)
+    try:
+        return demo.launch(server_name=args.host, server_port=args.port or None, share=args.share,
+                           show_error=False, theme=theme, **kwargs)
+    except OSError as e:  # Gradio 6.31: "Cannot find empty port in range: 7860-7860. ..."
+        if "port" not in str(e):
+            raise
+        raise InputError(busy_port(args)) from None
+
+
+def check_port(args: AppArguments) -> None:
+    """The page's port is free now: found in a second, not as Gradio's traceback after the
+    models took minutes to load."""
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: must be from 1 to 65535 (0: the first free one from 7860)")
+    if args.port and not port_is_free(args.host, args.port):
+        raise InputError(busy_port(args))
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server can listen on host:port, tried as Gradio tries it (SO_REUSEADDR)."""
+    import socket
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        raise InputError(f"--host {host}: not an address of this machine; leave it out for 127.0.0.1") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+        return True
+    except OSError:
+        return False
+
+
+def busy_port(args: AppArguments) -> str:
+    """One line: the port is taken, and a free one to pass instead."""
+    free = next((p for p in range(args.port + 1, min(args.port + 100, 65536)) if port_is_free(args.host, p)), None)
+    instead = f"--port {free} (free now)" if free else "another --port"
+    return (f"--port {args.port}: already in use on {args.host} (another app.py or another server); pass {instead}, "
+            "or --port 0 for the first free one from 7860")
 
 
 def parse_args(argv: list[str] | None = None) -> AppArguments:
@@ -474,6 +521,7 @@ def parse_args(argv: list[str] | None = None) -> AppArguments:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    check_port(args)
     demo = build_demo(load_columns(args), args)
     launch(demo, args)
 

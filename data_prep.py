@@ -15,7 +15,10 @@ by parent_id. This script
      its file:line instead of surfacing later as a strange training example;
   2. drops deleted messages, messages that failed review and other languages, and with
      them every message whose parent is gone (so whole subtrees go);
-  3. turns each tree into conversations (--strategy, below);
+  3. turns each tree into conversations (--strategy, below), and drops each one in which a
+     reply breaks the word limit its own user turn states ("Explain photosynthesis in
+     under 50 words." answered in 50 words), read as the rewards read it; the summary
+     counts them, and --keep_limit_breaking keeps them;
   4. splits by tree into train / eval: no tree, and no identical opening prompt, is on
      both sides;
   5. adds a word-limit instruction to the last user turn of a share (--concise_share) of
@@ -84,7 +87,15 @@ from phi2qlora.chat import format_chat, reserved_text_in
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.files import BadLine, check_writable, jsonl_lines, parse_json_line, write_jsonl_atomic
 from phi2qlora.model import load_chat_tokenizer
-from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS, count_words, limit_of, with_instruction
+from phi2qlora.word_limits import (
+    WORD_LIMIT_TEMPLATES,
+    WORD_LIMITS,
+    count_words,
+    limit_of,
+    obeys,
+    parse_word_limit,
+    with_instruction,
+)
 
 STRATEGIES = ("best_thread", "all_replies")
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -174,6 +185,12 @@ class ScriptArguments:
     )
     max_length: int = field(
         default=256, metadata={"help": "With --tokenizer: count the train texts longer than this many tokens."}
+    )
+    keep_limit_breaking: bool = field(
+        default=False,
+        metadata={"help": "Keep conversations in which a reply breaks the word limit its own user turn states "
+                  "(\"Explain photosynthesis in under 50 words.\" answered in 50 words). By default they are dropped: "
+                  "SFT would teach the model to break the limits the GRPO reward then asks it to keep."},
     )
     skip_bad_lines: bool = field(
         default=False,
@@ -550,6 +567,31 @@ def build_trees(roots: list[dict], kept: dict, strategy: str) -> list[tuple[dict
     return [(root, convs) for root in roots if (convs := pick(root, kept))]
 
 
+def breaks_a_stated_limit(conv: list[dict]) -> bool:
+    """Whether a reply breaks the word limit its user turn states, read as the rewards and
+    IFEval read it (parse_word_limit: "under 50 words" allows 49). Every assistant turn
+    counts, not only the first: SFT's loss covers each of them, so a follow-up asking
+    "shorter, under 20 words" answered at length teaches breaking a limit as much."""
+    for asked, reply in zip(conv, conv[1:]):
+        if asked["role"] == "prompter" and reply["role"] == "assistant":
+            limit = parse_word_limit(asked["text"])
+            if limit is not None and not obeys(limit, reply["text"]):
+                return True
+    return False
+
+
+def without_limit_breaking(trees: list) -> tuple[list, int]:
+    """The trees with their limit-breaking conversations taken out, and how many were. A
+    tree left with none stays: its opening prompt still serves GRPO, whose reward asks for
+    the limit to be kept."""
+    out, dropped = [], 0
+    for root, convs in trees:
+        keep = [c for c in convs if not breaks_a_stated_limit(c)]
+        dropped += len(convs) - len(keep)
+        out.append((root, keep))
+    return out, dropped
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Split by tree. Trees that open with the same prompt ("hi", "hello") go to the same side,
 # so no eval prompt was trained on.
@@ -833,6 +875,11 @@ def main(args: ScriptArguments) -> dict:
     if not trees:
         raise InputError(nothing_left(args, langs, summary))
 
+    limit_breaking = sum(breaks_a_stated_limit(c) for _, convs in trees for c in convs)
+    if not args.keep_limit_breaking:
+        trees, _ = without_limit_breaking(trees)
+    summary.update(limit_breaking=limit_breaking, limit_breaking_kept=args.keep_limit_breaking)
+
     train_trees, eval_trees = split_trees(trees, args.eval_fraction, args.seed)
     train_all = shuffled(sft_rows(train_trees), random.Random(f"{args.seed}:train"))
     train = train_all[: args.max_examples]  # the cap: a seeded subsample, as the order is random
@@ -922,6 +969,8 @@ def print_summary(s: dict) -> None:
         f"  messages kept      {s['messages_kept']:>8,}   dropped: {dropped}",
         f"  trees dropped      {s['trees_dropped_root']:>8,}   (root prompt deleted or failed review)",
         f"  trees used         {s['trees_with_conversations']:>8,}   train {s['trees_train']:,}, eval {s['trees_eval']:,}",
+        f"  limit broken       {s['limit_breaking']:>8,}   conversations whose reply breaks the word limit its prompt "
+        "states: " + ("kept (--keep_limit_breaking)" if s["limit_breaking_kept"] else "dropped"),
         f"  train examples     {s['examples_train']:>8,}   (of {s['examples_train_before_cap']:,} before the cap)",
         f"  with a word limit  {s['examples_train_word_limited']:>8,}   (concise: of {s['concise_eligible']:,} "
         "whose reply obeys one)",

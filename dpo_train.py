@@ -28,8 +28,9 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from phi2qlora.args import DPOScriptArguments, parse_recipe
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.fast_training import use_fast_training
-from phi2qlora.files import check_adapter_folder, check_limit, file_sha256, jsonl_lines, read_prompt_rows
+from phi2qlora.files import check_limit, file_sha256, jsonl_lines, read_prompt_rows
 from phi2qlora.model import (
+    check_adapter_fits,
     load_adapter,
     load_base_model,
     load_chat_tokenizer,
@@ -39,7 +40,7 @@ from phi2qlora.model import (
     trainable_weights,
 )
 from phi2qlora.pairs import read_pair_rows, tokenize_pair
-from phi2qlora.training import claim_output_dir, plot_history, train_guarded
+from phi2qlora.training import claim_output_dir, input_paths, plot_history, train_guarded
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "dpo_phi2_t4.yaml"
@@ -120,8 +121,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
           f"compute dtype {str(dtype).split('.')[-1]}, beta {training_args.beta}, reference: SFT via {reference}")
 
     check_settings(script_args, training_args)
-    check_adapter_folder(script_args.sft_adapter, "--sft_adapter", "run sft_qlora.py first (see README), or give its "
-                         "output directory")
+    check_adapter_fits(script_args.sft_adapter, model_args.model_name_or_path, "--sft_adapter", "--model_name_or_path",
+                       model_args.model_revision, "run sft_qlora.py first (see README), or give its output directory")
     # Data and prompts first: a bad file fails in seconds, before a model is loaded.
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included
     train_dataset = load_pairs(script_args.train_file, tokenizer, script_args.max_prompt_tokens,
@@ -141,7 +142,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
            "sft_adapter": str(Path(script_args.sft_adapter).resolve()),
            # the adapter's content too: a retrained SFT run in the same folder is another start
            "sft_adapter_sha256": file_sha256(Path(script_args.sft_adapter) / "adapter_model.safetensors")}
-    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
+    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume,
+                                   training_args.resume_from_checkpoint, input_paths(script_args, model_args))
     print(f"[dpo] {len(train_dataset)} train / {len(eval_dataset) if eval_dataset else 0} eval pairs; "
           + (f"resuming from {resume_from}" if resume_from else "starting from the SFT adapter"))
 

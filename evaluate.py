@@ -49,8 +49,8 @@ from pathlib import Path
 
 from phi2qlora.args import parse_script_args
 from phi2qlora.errors import InputError, exit_on_input_error
-from phi2qlora.files import atomic_path, check_adapter_folder, read_prompt_rows, write_atomic
-from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
+from phi2qlora.files import atomic_path, check_output_apart, read_prompt_rows, write_atomic
+from phi2qlora.model import check_adapter_fits, load_adapter, load_base_model, load_chat_tokenizer, pick_dtype
 from phi2qlora.pairs import read_pair_rows
 from phi2qlora.rewards import (
     REPETITION_FREE,
@@ -88,7 +88,8 @@ class EvalArguments:
     # The NF4 base is quantised from the weights in this dtype, so it should be the one
     # training used (bf16 rounds Phi-2's fp16 weights before quantising: another base).
     dtype: str = field(default="auto", metadata={"help": "compute dtype, as in training: auto (fp16 on a T4, bf16 on "
-                                                         "Ampere+, fp32 on the CPU), float16, bfloat16, float32"})
+                                                         "Ampere+, fp32 on the CPU), float16 (fp16), bfloat16 (bf16), "
+                                                         "float32 (fp32)"})
     load_in_4bit: bool = field(default=True, metadata={"help": "load the base in 4-bit NF4, as it was trained"})
     use_bnb_nested_quant: bool = field(default=True, metadata={"help": "double quantisation, as in training"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "attention kernel (sdpa is fp16-safe on a T4)"})
@@ -114,8 +115,9 @@ def requested_models(args: EvalArguments) -> dict[str, str | None]:
     script = {"sft": "sft_qlora.py", "dpo": "dpo_train.py", "grpo": "grpo_train.py"}
     for name in names:
         if name != "base":
-            check_adapter_folder(dirs[name], f"--{name}_adapter",
-                                 f"run {script[name]} first, pass its output dir, or leave {name} out of --models")
+            check_adapter_fits(dirs[name], args.model_name_or_path, f"--{name}_adapter", "--model_name_or_path",
+                               args.model_revision,
+                               f"run {script[name]} first, pass its output dir, or leave {name} out of --models")
     return {name: dirs[name] for name in names}
 
 
@@ -362,6 +364,10 @@ def main(args: EvalArguments) -> dict:
     models = requested_models(args)
     rows = read_prompt_rows(args.prompts_file)[: args.max_prompts]
     pairs = pair_rows(args)
+    check_output_apart(args.output_dir, "--output_dir", {"--model_name_or_path": args.model_name_or_path,
+                                                         "--prompts_file": args.prompts_file,
+                                                         **({"--pairs_file": args.pairs_file} if pairs else {}),
+                                                         **{f"--{n}_adapter": d for n, d in models.items() if d}})
     if min(args.batch_size, args.max_new_tokens, 1 if args.max_prompts is None else args.max_prompts) < 1:
         raise InputError("--batch_size, --max_new_tokens and --max_prompts must be at least 1")
     dtype = pick_dtype(args.dtype)

@@ -43,10 +43,18 @@ from pathlib import Path
 from phi2qlora.args import parse_script_args
 from phi2qlora.chat import format_prompt
 from phi2qlora.errors import InputError, exit_on_input_error
-from phi2qlora.files import _umask, check_adapter_folder, write_atomic
-from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer, nf4_config, pick_dtype
+from phi2qlora.files import _umask, check_output_apart, path_relation, read_json_file, write_atomic
+from phi2qlora.model import (
+    check_adapter_fits,
+    dtype_name,
+    load_adapter,
+    load_base_model,
+    load_chat_tokenizer,
+    nf4_config,
+    pick_dtype,
+)
 
-DTYPES = ("float16", "bfloat16", "float32")
+EXPORT_INFO = "export.json"  # beside every export: its settings, its check, the files it wrote
 
 
 @dataclass
@@ -57,7 +65,7 @@ class ExportArguments:
                          metadata={"help": "the adapter to merge: grpo_train.py's or sft_qlora.py's output dir"})
     output_dir: str = field(default="outputs/phi2-oasst1-merged", metadata={"help": "where the merged model goes"})
     # fp16: what a T4 computes in and what Colab users can load; half the size of fp32.
-    dtype: str = field(default="float16", metadata={"help": "saved weights: float16, bfloat16 or float32"})
+    dtype: str = field(default="float16", metadata={"help": "saved weights: float16 (fp16), bfloat16 (bf16) or float32 (fp32)"})
     merge_into: str = field(default="nf4", metadata={
         "help": "nf4: the dequantised NF4 base the adapter was trained on (reproduces the trained model); "
                 "original: the unquantised base weights"})
@@ -89,12 +97,12 @@ def device() -> str:
 
 def check_args(args: ExportArguments) -> list[Path]:
     """Everything checked before a model loads; returns the target folders."""
-    check_adapter_folder(args.adapter, "--adapter",
-                         "give the output dir of grpo_train.py or sft_qlora.py")
+    check_adapter_fits(args.adapter, args.model_name_or_path, "--adapter", "--model_name_or_path", args.model_revision,
+                       "give the output dir of grpo_train.py or sft_qlora.py")
     if args.merge_into not in ("nf4", "original"):
         raise InputError(f"--merge_into {args.merge_into!r}: expected nf4 or original")
-    if args.dtype not in DTYPES or args.train_dtype not in ("auto", *DTYPES):
-        raise InputError(f"--dtype / --train_dtype: expected one of {', '.join(DTYPES)} (train_dtype also auto)")
+    args.dtype = dtype_name(args.dtype, "--dtype", auto=False)
+    args.train_dtype = dtype_name(args.train_dtype, "--train_dtype")
     if args.space and not args.gguf:
         args.gguf = "q4_k_m"
     kinds = gguf_kinds(args)
@@ -107,12 +115,44 @@ def check_args(args: ExportArguments) -> list[Path]:
         targets.append(Path(args.quantized_output_dir or f"{args.output_dir.rstrip('/')}-4bit"))
     if kinds:
         targets.append(gguf_dir(args))
-    for target in targets:
-        if target.resolve() == Path(args.adapter).resolve():
-            raise InputError(f"{target}: that is the adapter's folder; export somewhere else")
-        if target.exists() and any(target.iterdir()) and not args.overwrite:
-            raise InputError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
+    inputs = {"--adapter": args.adapter, "--model_name_or_path": args.model_name_or_path}
+    flags = ["--output_dir", "--quantized_output_dir" if args.quantize_4bit else None, "--gguf"]
+    for target, flag in zip(targets, [f for f in flags if f]):
+        check_output_apart(target, flag, inputs)
+        if target != targets[0] and (relation := path_relation(target, targets[0])):  # publish() swaps each alone
+            raise InputError(f"{flag} {target}: {relation} the --output_dir {targets[0]}; give each a folder of its own")
+        check_replaceable(target, args.overwrite)
+    if args.space:
+        check_output_apart(args.space, "--space", inputs)
     return targets
+
+
+def check_replaceable(target: Path, overwrite: bool) -> None:
+    """An existing folder is replaced only with --overwrite, and only when it is an export
+    this script wrote and holds nothing else (export.json lists its files): --overwrite
+    never deletes a file it did not write. The new export is written beside it and swapped
+    in (`publish`)."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InputError(f"{target}: is a file, where the export's folder goes; choose another output folder")
+    present = sorted(p.name for p in target.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        raise InputError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
+    info = target / EXPORT_INFO
+    written = read_json_file(info, f"remove {target} yourself").get("files") if info.is_file() else None
+    if not isinstance(written, list):
+        why = (f"no {EXPORT_INFO}: not an export of this script" if not info.is_file()
+               else f"its {EXPORT_INFO} does not list the files it wrote (an export of an earlier version)")
+        raise InputError(f"--overwrite {target}: {why}, so its files may be yours and are not replaced; choose "
+                         "another output folder, or remove it yourself")
+    foreign = [name for name in present if name not in written]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise InputError(f"--overwrite {target}: holds {foreign[0]}{more}, which export_model.py did not write and "
+                         "--overwrite would delete; move it out, or choose another output folder")
 
 
 def gguf_kinds(args: ExportArguments) -> list[str]:
@@ -325,7 +365,9 @@ def main(args: ExportArguments) -> dict:
         for tmp, check, kind in zip(tmps, checks, labels):
             info = {"export": kind, **{k: v for k, v in asdict(args).items() if k not in ("check", "overwrite")},
                     "check": check}
-            write_atomic(tmp / "export.json", json.dumps(info, indent=1) + "\n")
+            # The files it wrote: what a later --overwrite may delete (check_replaceable).
+            info["files"] = sorted({p.name for p in tmp.iterdir()} | {EXPORT_INFO})
+            write_atomic(tmp / EXPORT_INFO, json.dumps(info, indent=1) + "\n")
             infos.append(info)
         for tmp, target in zip(tmps, targets):
             publish(tmp, target)

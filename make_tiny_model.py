@@ -91,10 +91,11 @@ def build(output_dir: str | Path, sample: str | Path = SAMPLE, vocab_size: int =
 
 def main(argv: list[str] | None = None) -> Path:
     from phi2qlora.args import parse_script_args
-    from phi2qlora.files import check_writable
+    from phi2qlora.files import check_output_apart, check_writable
 
     args = parse_script_args(TinyModelArguments, sys.argv[1:] if argv is None else argv)
     check_writable(args.output_dir, "--output_dir")
+    check_output_apart(args.output_dir, "--output_dir", {"--sample": args.sample})  # model and tokenizer files go there
     path = build(args.output_dir, args.sample, args.vocab_size, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"tiny Phi model and tokenizer written to {path}")
     return path

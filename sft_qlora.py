@@ -29,6 +29,7 @@ from phi2qlora.chat import END, ROLE_TOKENS, chat_token_ids, reserved_text_in
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.fast_training import use_fast_training
 from phi2qlora.files import check_limit, read_jsonl_rows, read_prompt_rows
+from phi2qlora.learnable import keep_learnable, sft_reason
 from phi2qlora.model import (
     fix_lm_head_bias,
     load_base_model,
@@ -37,7 +38,7 @@ from phi2qlora.model import (
     pick_dtype,
     upcast_trainable_params,
 )
-from phi2qlora.training import claim_output_dir, plot_history, train_guarded
+from phi2qlora.training import claim_output_dir, input_paths, plot_history, train_guarded
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
@@ -73,6 +74,20 @@ def load_conversations(path: str, limit: int | None = None):
     return Dataset.from_list(conversations)
 
 
+def learnable_conversations(dataset, path: str, tokenizer, args: SFTConfig):
+    """The conversations that leave SFT something to learn once tokenized and truncated as
+    SFTTrainer will (phi2qlora.learnable); the others are dropped with a count, and a file
+    of none is refused, before the model loads."""
+    from datasets import Dataset
+
+    rows = dataset.to_list()
+    max_length = None if args.packing else args.max_length  # packing chunks, it does not cut
+    reasons = [sft_reason(tokenizer, row["messages"], max_length, args.truncation_mode, args.assistant_only_loss)
+               for row in rows]
+    return Dataset.from_list(keep_learnable(rows, reasons, path, "conversations", fix=(
+        f"give assistant replies with words, within --max_length (now {args.max_length}) tokens")))
+
+
 def lora_config(model_args: ModelConfig, tokenizer) -> LoraConfig:
     ids = chat_token_ids(tokenizer)
     return LoraConfig(
@@ -105,11 +120,15 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     run = {"script": "sft_qlora.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
            "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
            "lora_r": model_args.lora_r, "lora_target_modules": model_args.lora_target_modules}
-    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume)
+    resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume,
+                                   training_args.resume_from_checkpoint, input_paths(script_args, model_args))
+    tokenizer = load_chat_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    train_dataset = learnable_conversations(train_dataset, script_args.train_file, tokenizer, training_args)
+    if eval_dataset is not None:
+        eval_dataset = learnable_conversations(eval_dataset, script_args.eval_file, tokenizer, training_args)
     print(f"[sft] {len(train_dataset)} train / {len(eval_dataset) if eval_dataset else 0} eval conversations; "
           + (f"resuming from {resume_from}" if resume_from else "starting fresh"))
 
-    tokenizer = load_chat_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     model = load_base_model(model_args.model_name_or_path, tokenizer, dtype, **model_kwargs(model_args))
     trainer = SFTTrainer(
         model=model,

@@ -139,9 +139,40 @@ def _checked(dataclass_types, argv: list[str], default_recipe) -> tuple[list[str
     """The argv with the default recipe filled in, and the recipe, once every check passed."""
     recipe = recipe_path(argv, default_recipe)
     argv = list(argv) if recipe is None or "--config" in argv else ["--config", recipe, *argv]
-    check_values(check_recipe(recipe, dataclass_types) if recipe else {}, argv, recipe)
+    values = check_recipe(recipe, dataclass_types) if recipe else {}
+    check_values(values, argv, recipe)
     check_flags(argv, dataclass_types)
-    return argv, recipe
+    return with_dtype_names(argv, values, recipe, dataclass_types), recipe
+
+
+DTYPE_FIELDS = ("dtype", "train_dtype")  # every script's dtype options: one vocabulary (model.dtype_name)
+
+
+def with_dtype_names(argv: list[str], recipe_values: dict, recipe: str | None, dataclass_types) -> list[str]:
+    """The argv with each dtype option in torch's name (fp16 -> float16), a recipe's too, so
+    TRL's ModelConfig (choices: auto, bfloat16, float16, float32) takes the short names as
+    evaluate.py and app.py do; a name no script knows is one line, the same everywhere.
+    `auto` is offered where the field takes it (its default or its choices)."""
+    from phi2qlora.model import dtype_name
+    from phi2qlora.recipes import recipe_line
+
+    fields = {f.name: f for cls in dataclass_types for f in dataclasses.fields(cls) if f.name in DTYPE_FIELDS}
+    auto = {name: f.default == "auto" or "auto" in f.metadata.get("choices", ()) for name, f in fields.items()}
+    argv, given = list(argv), set()
+    for i, arg in enumerate(argv):
+        name, eq, value = arg[2:].replace("-", "_").partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in fields or (not eq and i + 1 >= len(argv)):
+            continue
+        given.add(name)
+        if eq:
+            argv[i] = f"--{name}={dtype_name(value, f'--{name}', auto[name])}"
+        else:
+            argv[i + 1] = dtype_name(argv[i + 1], f"--{name}", auto[name])
+    for name in fields:
+        if name in recipe_values and name not in given:
+            where = f"{recipe}:{recipe_line(recipe, name) or '?'}: '{name}'"
+            argv += [f"--{name}", dtype_name(recipe_values[name], where, auto[name])]
+    return argv
 
 
 def _parser(dataclass_types):

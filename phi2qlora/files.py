@@ -1,6 +1,7 @@
 """The user's files: read with errors that name the file and the line, written whole or
-not at all, and checked before any work (an output path the OS refuses, a folder that
-should hold a model or an adapter)."""
+not at all, and checked before any work (an output path the OS refuses or that overlaps an
+input, a folder that should hold a model or an adapter, a safetensors or JSON file cut
+short or garbled)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,27 @@ def write_jsonl_atomic(path: str | os.PathLike, rows) -> int:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     write_atomic(path, "".join(lines))
     return len(lines)
+
+
+def check_output_apart(output: str | os.PathLike, flag: str, inputs: dict) -> None:
+    """An output folder must be apart from what the run reads (`inputs`: {flag: path}; a
+    Hub id or a path that is not there is skipped): not one of them, not holding one (a
+    script writes README.md, tokenizer files and checkpoints into its folder, over what is
+    there), not inside one (an adapter folder, a model folder)."""
+    for input_flag, given in inputs.items():
+        if given and Path(given).expanduser().exists() and (relation := path_relation(output, given)):
+            raise InputError(f"{flag} {output}: {relation} the {input_flag} {given}; choose a folder of its own for "
+                             f"{flag} (a new one beside it)")
+
+
+def path_relation(folder: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How `folder` stands to `other`: "is", "holds", "is inside", or None (apart)."""
+    a, b = Path(folder).expanduser().resolve(), Path(other).expanduser().resolve()
+    if a == b:
+        return "is"
+    if b.is_relative_to(a):
+        return "holds"
+    return "is inside" if a.is_relative_to(b) else None
 
 
 def _umask() -> int:
@@ -226,11 +248,16 @@ def check_model_source(name: str, flag: str = "--model_name_or_path", marks=("co
             raise InputError(f"{flag} {name}: no model in that folder ({marks[0]} missing); give a folder "
                              "a model was saved in (make_tiny_model.py, export_model.py) or a Hub id such as "
                              "microsoft/phi-2")
+        # Whole files, before a library reads them with a traceback (a copy cut short, a full disk).
+        redo = "the model folder is damaged: copy or download it again, or write it again with the script that made it"
+        for file in sorted(path.glob("*.json")):
+            read_json_file(file, redo)
+        for file in sorted(path.glob("*.safetensors")):
+            check_safetensors(file, redo)
         return
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or not name.strip():
         raise InputError(f"{flag} {name}: no such model folder; give a local folder with config.json or a Hub "
                          "id such as microsoft/phi-2")
-
 
 
 def is_adapter_folder(folder: str | os.PathLike) -> bool:
@@ -240,10 +267,77 @@ def is_adapter_folder(folder: str | os.PathLike) -> bool:
 
 
 def check_adapter_folder(folder: str | os.PathLike, flag: str = "--adapter",
-                         what_to_do: str = "give the output directory of sft_qlora.py or grpo_train.py") -> None:
+                         what_to_do: str = "give the output directory of sft_qlora.py or grpo_train.py") -> dict:
+    """`folder` holds a whole adapter: adapter_config.json that reads as JSON and an
+    adapter_model.safetensors that is not cut short. Returns the adapter's config."""
+    where = f"{flag} {folder}" if flag else str(folder)
     if not is_adapter_folder(folder):
-        where = f"{flag} {folder}" if flag else str(folder)
         raise InputError(f"{where}: no adapter there (adapter_config.json missing); {what_to_do}")
+    redo = "copy the adapter folder again, or train it again"
+    config = read_json_file(Path(folder) / "adapter_config.json", redo)
+    if not isinstance(config, dict):
+        raise InputError(f"{Path(folder) / 'adapter_config.json'}: damaged (a JSON {type(config).__name__}, not an "
+                         f"adapter's settings); {redo}")
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{where}: no adapter_model.safetensors (adapters load from safetensors only, never from "
+                         f"a pickle such as adapter_model.bin); {redo}")
+    check_safetensors(weights, redo)
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Files a library would read with a traceback: checked first, one line each.
+# ---------------------------------------------------------------------------------------
+def check_safetensors(path: str | os.PathLike, what_to_do: str) -> dict:
+    """A safetensors file's header (`{name: {"dtype", "shape", "data_offsets"}}`), read
+    without loading a tensor, after checking that the file is whole: its 8-byte header
+    length, the JSON header, and a size equal to the header's end of data. A truncated
+    copy (an upload cut short, a full disk) fails here as one line naming the file, not
+    as a safetensors traceback at load."""
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not found; {what_to_do}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise InputError(f"{path}: cut short ({size} bytes: not even a safetensors header); {what_to_do}")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise InputError(f"{path}: cut short ({size:,} bytes, its header alone should take {header_len:,}); "
+                             f"{what_to_do}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise InputError(f"{path}: damaged (its header is not a safetensors header); {what_to_do}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        state = "cut short" if size < expected else "damaged"
+        raise InputError(f"{path}: {state} ({size:,} bytes where its header says {expected:,}); {what_to_do}")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def read_json_file(path: str | os.PathLike, what_to_do: str):
+    """A JSON file's value; a missing, empty, cut-short or garbled file is one line with
+    the line and column of the fault."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found; {what_to_do}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start + 1}): damaged; {what_to_do}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "empty" if not text.strip() else f"not valid JSON ({json_error(e)})"
+        raise InputError(f"{path}:{e.lineno}: {what}; {what_to_do}") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to read: damaged; {what_to_do}") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -129,6 +130,96 @@ def _extra_buffer_types(enabled: bool):
         engine.llama_cpp.llama_model_default_params = defaults
 
 
+# ---------------------------------------------------------------------------------------
+# Is a GGUF whole? Its header read as the format lays it out, its size against the tensors.
+# ---------------------------------------------------------------------------------------
+# ggml types: (values a block, bytes a block), for those a GGUF of this project holds (f32,
+# f16, q4_0..q8_0, the k-quants, bf16); another type leaves the size unchecked.
+GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+               10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 30: (1, 2)}
+# GGUF metadata value types with a fixed size (8 string and 9 array are read apart).
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _Reader:
+    """Little-endian reads that raise EOFError past the end, before allocating for a length
+    a damaged header makes up."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def take(self, n: int) -> bytes:
+        if n > self.left():
+            raise EOFError
+        return self.f.read(n)
+
+    def int(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "little")
+
+    def string(self) -> bytes:
+        return self.take(self.int(8))
+
+    def value(self, kind: int):
+        if kind in _FIXED:
+            raw = self.take(_FIXED[kind])
+            return int.from_bytes(raw, "little") if kind in (4, 10) else raw
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            inner, count = self.int(4), self.int(8)
+            if count * _FIXED.get(inner, 8) > self.left():  # every item takes at least this much
+                raise EOFError
+            for _ in range(count):
+                self.value(inner)
+            return None
+        raise ValueError(f"unknown metadata type {kind}")
+
+
+def gguf_damage(path: Path) -> str | None:
+    """What is wrong with a GGUF file (not one, cut short), or None: the header walked as
+    the format lays it out, then the file's size against its last tensor's end. llama.cpp
+    itself says only "Failed to load model from file"."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    with open(path, "rb") as f:
+        reader = _Reader(f, size)
+        try:
+            if reader.take(4) != b"GGUF":
+                return "not a GGUF file (it does not start with GGUF)"
+            reader.int(4)  # the format's version
+            tensors, entries = reader.int(8), reader.int(8)
+            alignment = 32
+            for _ in range(entries):
+                key, kind = reader.string(), reader.int(4)
+                value = reader.value(kind)
+                if key == b"general.alignment" and isinstance(value, int):
+                    alignment = value
+            end = 0
+            for _ in range(tensors):
+                reader.string()
+                rank = reader.int(4)
+                if rank > 8:  # GGML_MAX_DIMS is 4
+                    raise ValueError(f"a tensor of {rank} dimensions")
+                dims = [reader.int(8) for _ in range(rank)]
+                kind, offset = reader.int(4), reader.int(8)
+                count = math.prod(dims)
+                if kind in GGML_BLOCKS:
+                    per_block, block_bytes = GGML_BLOCKS[kind]
+                    end = max(end, offset + count // per_block * block_bytes)
+        except EOFError:
+            return f"cut short inside its header ({size:,} bytes)"
+        except ValueError as e:
+            return f"damaged header ({e})"
+        data_start = -(-f.tell() // alignment) * alignment
+    if size < data_start + end:
+        return f"cut short ({size:,} of {data_start + end:,} bytes)"
+    return None
+
+
 def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, seed: int = 0,
          repacked: bool | None = None):
     """A GGUF on llama.cpp's CPU backend. `n_ctx` 0: the model's own context (2,048 for
@@ -139,6 +230,8 @@ def load(path: str | os.PathLike, n_ctx: int = 0, threads: int | None = None, se
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no GGUF model there; write one with export_model.py --gguf")
+    if problem := gguf_damage(path):
+        raise InputError(f"{path}: {problem}; copy it again, or write it again with export_model.py --gguf")
     threads = threads or len(os.sched_getaffinity(0))
     # llama.cpp puts Q4_K / Q8_0 weights in an "extra buffer type" repacked for its fastest
     # kernels: AMX where the build has them, else its AVX2/AVX512 repack. Its AMX kernels

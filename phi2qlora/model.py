@@ -5,20 +5,39 @@ fixes this stack needs (each docstring says which library, which version, and wh
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from phi2qlora.chat import CHAT_TEMPLATE, CHAT_TOKENS, END, PAD, chat_token_ids
 from phi2qlora.errors import InputError
-from phi2qlora.files import check_adapter_folder, check_model_source
+from phi2qlora.files import check_adapter_folder, check_model_source, check_safetensors, read_json_file
+
+# Every script's dtype options take the same names: torch's, and the usual short ones.
+DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 
 
-def pick_dtype(requested: str | None = "auto"):
+def dtype_name(requested: str | None, flag: str = "--dtype", auto: bool = True) -> str:
+    """torch's name for a dtype given as float16 / fp16 / half, bfloat16 / bf16, float32 /
+    fp32 (or auto, where `auto`); anything else is one line naming `flag`."""
+    text = "auto" if requested is None else str(requested).strip().lower().removeprefix("torch.")
+    if text == "auto" and auto:
+        return "auto"
+    if text not in DTYPE_NAMES:
+        raise InputError(f"{flag} {requested}: expected {'auto, ' if auto else ''}float16 (or fp16), bfloat16 "
+                         "(or bf16) or float32 (or fp32)")
+    return DTYPE_NAMES[text]
+
+
+def pick_dtype(requested: str | None = "auto", flag: str = "--dtype"):
     """The compute dtype. `auto`: bf16 where the GPU computes it natively (compute
     capability >= 8.0), fp16 on older GPUs such as the T4 (7.5), which reports bf16 as
     "supported" but only emulates it, slowly; fp32 on the CPU."""
     import torch
 
-    if requested not in (None, "auto"):
-        return getattr(torch, requested)
+    name = dtype_name(requested, flag)
+    if name != "auto":
+        return getattr(torch, name)
     if not torch.cuda.is_available():
         return torch.float32
     major, _ = torch.cuda.get_device_capability()
@@ -32,8 +51,8 @@ def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
     check_model_source(name_or_path, "tokenizer", marks=("tokenizer_config.json", "tokenizer.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except OSError as e:  # not on the Hub, not in the offline cache, a damaged folder
-        raise InputError(could_not_load(name_or_path, e)) from None
+    except Exception as e:  # not on the Hub, not in the offline cache; tokenizers raises a bare Exception
+        raise InputError(could_not_load(name_or_path, e)) from None  # for a tokenizer.json it cannot read
     tokenizer.add_tokens(CHAT_TOKENS, special_tokens=True)
     tokenizer.eos_token = END
     tokenizer.pad_token = PAD
@@ -42,7 +61,7 @@ def load_chat_tokenizer(name_or_path: str, revision: str = "main"):
     return tokenizer
 
 
-def could_not_load(name: str, error: OSError) -> str:
+def could_not_load(name: str, error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     offline = " (offline, HF_HUB_OFFLINE=1: a Hub model must already be in the cache)" \
         if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
@@ -79,6 +98,7 @@ def load_base_model(name_or_path: str, tokenizer, dtype, *, load_in_4bit: bool =
         device = f"cuda:{PartialState().local_process_index}"  # one full copy per process
     else:
         device = "cpu"
+    check_model_source(name_or_path)  # a local folder's files whole, before from_pretrained reads them
     quantization_config = nf4_config(dtype, double_quant) if load_in_4bit else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -262,10 +282,12 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name:
     """A saved adapter (LoRA + trainable chat-token rows) on top of `load_base_model`'s
     model, or added beside the adapters of a PeftModel under another name (switch with
     `set_adapter(name)`; `with model.disable_adapter():` gives the base). `trainable`
-    must be said: PEFT loads adapters frozen by default."""
+    must be said: PEFT loads adapters frozen by default. An adapter of another base
+    (another width, another vocabulary) is refused here, before PEFT's size-mismatch
+    traceback."""
     from peft import PeftModel
 
-    check_adapter_folder(adapter_dir, flag="")
+    check_adapter_fits(adapter_dir, model.config.name_or_path, dims=_module_dims(model))
     if isinstance(model, PeftModel):
         model.load_adapter(adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
         peft_model = model
@@ -277,4 +299,96 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False, adapter_name:
 
 
 # ---------------------------------------------------------------------------------------
-# Runs: checkpoints and curves.
+# Does an adapter fit a base? Its tensors' shapes against the base's modules.
+# ---------------------------------------------------------------------------------------
+# PEFT's names in adapter_model.safetensors, after "base_model.model.": the module, then what.
+_ADAPTER_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A"
+                          r"|lora_embedding_B|token_adapter\.trainable_tokens_delta)(?:\.weight)?$")
+
+
+def check_adapter_fits(adapter_dir, base: str, flag: str = "", base_flag: str = "", revision: str = "main",
+                       what_to_do: str = "give the output directory of sft_qlora.py or grpo_train.py",
+                       dims=None) -> None:
+    """The adapter in `adapter_dir` is whole and was trained on a base of `base`'s shape.
+    `dims(module path)` gives a module's (rows, columns): a Linear's out and in features, an
+    Embedding's rows and width, None if there is no such module. Without it they are read
+    from the safetensors headers of a local base folder (nothing is loaded); a Hub id is
+    then checked when load_adapter has the model."""
+    config = check_adapter_folder(adapter_dir, flag, what_to_do)
+    dims = dims or _weight_dims(base, revision)
+    problem = dims and adapter_mismatch(adapter_dir, config, dims)
+    if problem:
+        trained_on = config.get("base_model_name_or_path") or "another model"
+        where = f"{flag} {adapter_dir}" if flag else str(adapter_dir)
+        use = f"pass {base_flag} {trained_on}" if base_flag else f"load it on {trained_on}"
+        raise InputError(f"{where}: trained on {trained_on}, which is not the base {base} ({problem}); {use}, the "
+                         "base it was trained on")
+
+
+def adapter_mismatch(adapter_dir, config: dict, dims) -> str | None:
+    """Where the adapter's tensors do not fit the base `dims` describes, or None."""
+    header = check_safetensors(Path(adapter_dir) / "adapter_model.safetensors", "copy the adapter folder again")
+    indices = config.get("trainable_token_indices") or {}
+    for key, tensor in header.items():
+        match = _ADAPTER_KEY.match(key)
+        if match is None:
+            continue  # a form this check does not know (modules_to_save copies, DoRA magnitudes)
+        module, kind, shape = match["module"], match["kind"], tensor["shape"]
+        found = dims(module)
+        if found is None:
+            return f"the base has no {module}"
+        rows, columns = found
+        if kind == "lora_A" and shape[-1] != columns:
+            return f"its {module} takes {shape[-1]:,} inputs where the base's takes {columns:,}"
+        if kind.startswith("token_adapter") and shape[-1] != columns:
+            return f"its rows of {module} are {shape[-1]:,} wide where the base's are {columns:,}"
+        if kind == "lora_B" and shape[0] != rows:
+            return f"its {module} gives {shape[0]:,} outputs where the base's gives {rows:,}"
+        if kind.startswith("token_adapter"):
+            ids = indices if isinstance(indices, list) else next(
+                (v for name, v in indices.items() if module == name or module.endswith(f".{name}")), [])
+            if ids and max(ids) >= rows:
+                return (f"its trained token rows of {module} go up to id {max(ids):,}, where the base has {rows:,} "
+                        "rows: another vocabulary")
+    return None
+
+
+def _module_dims(model):
+    """dims() for a loaded model: through PEFT's wrappers to the layer they wrap."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def dims(path: str):
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            return None
+        while hasattr(module, "base_layer"):
+            module = module.base_layer
+        module = getattr(module, "original_module", module)  # PEFT's trainable-tokens wrapper
+        if hasattr(module, "in_features"):
+            return module.out_features, module.in_features
+        if hasattr(module, "num_embeddings"):
+            return module.num_embeddings, module.embedding_dim
+        return None
+
+    return dims
+
+
+def _weight_dims(base: str, revision: str = "main"):
+    """dims() from the safetensors headers of a local, unquantised model folder, each file
+    checked whole on the way; None for a Hub id or a quantised folder."""
+    folder = Path(base).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    redo = f"the model folder {base} is damaged: copy or download it again"
+    if "quantization_config" in read_json_file(folder / "config.json", redo):
+        return None  # packed 4-bit shapes: not the layers' own
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        shapes.update({k: v["shape"] for k, v in check_safetensors(path, redo).items()})
+
+    def dims(module: str):
+        shape = shapes.get(f"{module}.weight")
+        return tuple(shape) if shape and len(shape) == 2 else None
+
+    return dims if shapes else None

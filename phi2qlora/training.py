@@ -13,10 +13,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from phi2qlora.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE, pickle_free
 from phi2qlora.errors import InputError, RunFault
-from phi2qlora.files import atomic_path, check_writable, is_adapter_folder, write_atomic
+from phi2qlora.files import (
+    atomic_path,
+    check_output_apart,
+    check_safetensors,
+    check_writable,
+    is_adapter_folder,
+    read_json_file,
+    write_atomic,
+)
 
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", OPTIMIZER_FILE, SCHEDULER_FILE)
 COMPLETE_MARK = "checkpoint_complete"  # written by TrainingGuard after the Trainer has saved everything
 RUN_FILE = "run.json"  # what ran in an output directory, so a resume can't mix two runs
 
@@ -31,25 +40,37 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike, verbose: bool = Fa
         return None
     found = []
     for d in root.glob("checkpoint-*"):
-        step = d.name.split("-")[-1]
-        if not (d.is_dir() and step.isdigit()):
+        step = checkpoint_step(d)
+        if step is None:
             continue
         missing = [f for f in (*CHECKPOINT_FILES, COMPLETE_MARK) if not (d / f).is_file()]
         if missing:
             if verbose:
                 print(f"[resume] skipping {d}: incomplete (no {', '.join(missing)}; interrupted while saving?)")
             continue
-        found.append((int(step), d))
+        found.append((step, d))
     return str(max(found)[1]) if found else None
 
 
-def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> str | None:
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a `checkpoint-N` folder; None for anything else."""
+    step = folder.name.removeprefix("checkpoint-")
+    return int(step) if folder.name.startswith("checkpoint-") and step.isdigit() and folder.is_dir() else None
+
+
+def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool,
+                     resume_from_checkpoint: str | None = None, inputs: dict | None = None) -> str | None:
     """Check that `output_dir` is free or holds this same run, before any model is loaded,
     and return the checkpoint to resume from (None: start fresh). `run` names what must not
-    change across a resume (script, model, adapter shape); it is written to run.json."""
+    change across a resume (script, model, adapter shape); it is written to run.json.
+
+    `resume_from_checkpoint` (the Trainer's `--resume_from_checkpoint`): a checkpoint-N
+    folder to resume from into `output_dir`, with the checks of the automatic resume: saved
+    whole, undamaged, written by this same run. `inputs` ({flag: path}): what the run reads;
+    `output_dir` may neither be one of them, nor hold one, nor lie inside one."""
     root = Path(output_dir)
     check_writable(root, "--output_dir")
-    saved = json.loads((root / RUN_FILE).read_text(encoding="utf-8")) if (root / RUN_FILE).is_file() else None
+    saved = read_run(root)
     has_run = any(root.glob("checkpoint-*")) or is_adapter_folder(root)
     if saved is None and has_run:
         raise InputError(f"{root} holds checkpoints or an adapter of another run (no {RUN_FILE}); "
@@ -57,17 +78,86 @@ def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool) -> 
     # A run that failed before its first checkpoint left only run.json: the corrected
     # command may take the directory over.
     if saved is not None and saved != run and has_run:
-        changed = ", ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now"
-                            for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k))
-        raise InputError(f"{root} holds another run ({changed}); choose another --output_dir or remove it")
-    if has_run and not resume:
+        raise InputError(f"{root} holds another run ({run_changes(saved, run)}); choose another --output_dir "
+                         "or remove it")
+    check_output_apart(root, "--output_dir", inputs or {})
+    if resume_from_checkpoint:
+        resume_from = checked_start(resume_from_checkpoint, run, resume, root)
+    elif has_run and not resume:
         raise InputError(f"{root} holds checkpoints of this run and --resume is false; to start over, "
                          f"remove the directory first (rm -r {root}) or choose another --output_dir")
-    resume_from = latest_complete_checkpoint(root, verbose=True) if resume else None
+    else:
+        resume_from = latest_complete_checkpoint(root, verbose=True) if resume else None
+        if resume_from:
+            check_checkpoint(resume_from)
     if _is_main_process():
         write_atomic(root / RUN_FILE, json.dumps(run, indent=1) + "\n")
     return resume_from
 
+
+def input_paths(*arguments) -> dict:
+    """{flag: path} of what a run reads, from its arguments' dataclasses (script arguments
+    and ModelConfig): the model, and every field named *_file or *_adapter."""
+    import dataclasses
+
+    return {f"--{f.name}": getattr(a, f.name) for a in arguments for f in dataclasses.fields(a)
+            if f.name == "model_name_or_path" or f.name.endswith(("_file", "_adapter"))}
+
+
+def read_run(folder: Path) -> dict | None:
+    """The run.json of an output folder or a checkpoint, if it has one."""
+    path = Path(folder) / RUN_FILE
+    return read_json_file(path, f"remove {path} if that run is over") if path.is_file() else None
+
+
+def run_changes(saved: dict, run: dict) -> str:
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now"
+                     for k in sorted(set(saved) | set(run)) if saved.get(k) != run.get(k))
+
+
+def checked_start(checkpoint: str, run: dict, resume: bool, root: Path) -> str:
+    """`--resume_from_checkpoint DIR`, checked as the automatic resume checks its own."""
+    flag = f"--resume_from_checkpoint {checkpoint}"
+    folder = Path(checkpoint)
+    if not resume:
+        raise InputError(f"{flag} and --resume false ask for opposite things; leave one of them out")
+    step = checkpoint_step(folder)
+    if not folder.exists():
+        raise InputError(f"{flag}: no such folder; give a checkpoint-N folder of an output directory")
+    if step is None:
+        raise InputError(f"{flag}: not a checkpoint folder; give a checkpoint-N folder of an output directory "
+                         "(sft_qlora.py and grpo_train.py write them every save_steps)")
+    missing = [f for f in (*CHECKPOINT_FILES, COMPLETE_MARK) if not (folder / f).is_file()]
+    if missing:
+        raise InputError(f"{flag}: saved in part only (no {', '.join(missing)}; interrupted while saving?); "
+                         "give an earlier checkpoint")
+    saved = read_run(folder) or read_run(folder.parent)
+    if saved is None:
+        raise InputError(f"{flag}: no {RUN_FILE} in it or beside it, so nothing says which run wrote it; "
+                         "resume by rerunning that run's own command")
+    if saved != run:
+        raise InputError(f"{flag}: written by another run ({run_changes(saved, run)}); give the same model and "
+                         "options as that run")
+    if root.resolve().is_relative_to(folder.resolve()):
+        raise InputError(f"--output_dir {root}: inside the checkpoint {folder}; choose another --output_dir")
+    later = sorted((n, d.name) for d in root.glob("checkpoint-*") if (n := checkpoint_step(d) or 0) > step)
+    if later:
+        raise InputError(f"--output_dir {root} holds checkpoints after step {step} ({', '.join(n for _, n in later)}), "
+                         "which this run would write over; remove them first, or resume into another --output_dir")
+    check_checkpoint(folder)
+    print(f"[resume] from {folder} (--resume_from_checkpoint), into {root}")
+    return str(folder)
+
+
+def check_checkpoint(folder: str | os.PathLike) -> None:
+    """Every file a resume reads is whole: a checkpoint marked complete can still be damaged
+    later (a copy cut short, a disk fault), and would end in a library's traceback."""
+    folder = Path(folder)
+    redo = f"remove {folder} to resume from the checkpoint before it, or copy it again if it was copied"
+    for path in sorted(folder.glob("**/*.json")):
+        read_json_file(path, redo)
+    for path in sorted(folder.glob("**/*.safetensors")):
+        check_safetensors(path, redo)
 
 
 def _is_main_process() -> bool:
@@ -92,6 +182,12 @@ def train_guarded(trainer, resume_from: str | None, memory_knobs: dict) -> None:
     if launched != trainer.args.world_size:  # else each process would train alone, racing on the files
         raise InputError(f"launched as {launched} processes but they did not connect (the Trainer sees "
                          f"{trainer.args.world_size}); without GPUs, pass --use_cpu true to use gloo")
+    asked = trainer.args.resume_from_checkpoint
+    if asked and (resume_from is None or Path(asked).resolve() != Path(resume_from).resolve()):
+        # The Trainer itself ignores this field; claim_output_dir honours it.
+        raise InputError(f"--resume_from_checkpoint {asked}: this script does not resume from a given checkpoint; "
+                         "leave it out (rerunning the command resumes from the latest complete checkpoint)")
+    pickle_free(trainer)  # no pickles in the checkpoints or the output folder
     guard = TrainingGuard()
     trainer.add_callback(guard)
     try:
@@ -192,6 +288,9 @@ class TrainingGuard(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                # The run travels with its checkpoint, for --resume_from_checkpoint from a copy.
+                if (Path(args.output_dir) / RUN_FILE).is_file():
+                    write_atomic(folder / RUN_FILE, (Path(args.output_dir) / RUN_FILE).read_text(encoding="utf-8"))
                 write_atomic(folder / COMPLETE_MARK, f"step {state.global_step}\n")
 
 

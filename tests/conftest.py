@@ -79,3 +79,32 @@ def stop_at(step: int):
                 control.should_training_stop = True
 
     return StopAt()
+
+
+def pickles_under(folder) -> list[str]:
+    """Every file under `folder` that is a pickle, judged by its bytes, not its name:
+    torch.save's zip (a `data.pkl` inside), a pickle of protocol 2 or later (its PROTO
+    opcode first: torch.save's legacy format too), or any stream pickletools reads whole to
+    its STOP (protocols 0 and 1). Nothing is unpickled."""
+    import pickletools
+    import zipfile
+
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0)
+            if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+                pickled = any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist())
+            elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                pickled = True
+            else:
+                try:
+                    pickled = [op.name for op, _, _ in pickletools.genops(f)][-1] == "STOP"
+                except Exception:  # not a pickle stream: the usual answer
+                    pickled = False
+        if pickled:
+            found.append(str(path.relative_to(folder)))
+    return found

@@ -24,7 +24,7 @@ import data_prep  # noqa: E402
 from data_prep import ScriptArguments  # noqa: E402
 from phi2qlora.chat import format_chat
 from phi2qlora.errors import InputError  # noqa: E402
-from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS
+from phi2qlora.word_limits import WORD_LIMIT_TEMPLATES, WORD_LIMITS, obeys, parse_word_limit
 
 # The strict comparatives, which allow at most n-1 words (as IFEval reads them).
 STRICT_TEMPLATES = {t for t in WORD_LIMIT_TEMPLATES if re.search(r"\b(?:under|less than|fewer than)\b", t)}
@@ -663,3 +663,49 @@ def test_chat_tokens_written_in_a_text_drop_the_message_and_its_subtree(tmp_path
     assert conversations(out) == expected("p0 r2")  # r1 lost its rank-0 place; t2 lost its root
     assert summary["dropped"]["chat_token_text"] == 2
     assert summary["dropped"]["parent_missing"] == 2  # p11 under r1, s1 under q0
+
+
+# ---------------------------------------------------------------------------------------
+# Replies that break the word limit their own prompt states
+# ---------------------------------------------------------------------------------------
+def test_the_sample_reply_that_breaks_its_prompts_limit_is_dropped_and_counted(tmp_path):
+    """The bundled sample asks "Explain photosynthesis in under 50 words." (at most 49, as
+    IFEval reads it) and both replies have more (50 and 70 words): best_thread's conversation
+    and all_replies' two are dropped and counted on the summary's own line, the prompt stays
+    for GRPO; --keep_limit_breaking keeps them."""
+    prompt = "Explain photosynthesis in under 50 words."
+    for strategy, broken in (("best_thread", 1), ("all_replies", 2)):
+        out = tmp_path / strategy
+        result = cli("--dataset_name", str(SAMPLE), "--output_dir", str(out), "--strategy", strategy, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if "limit broken" in line)
+        assert re.fullmatch(rf"\s+limit broken\s+{broken}\s+conversations whose reply breaks the word limit its "
+                            r"prompt states: dropped", line), line
+        rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+        assert not [r for r in rows if r["messages"][0]["content"].startswith(prompt)]
+        assert any(r["prompt"].startswith(prompt) for r in read_jsonl(out / "grpo_prompts.jsonl")
+                   + read_jsonl(out / "heldout_prompts.jsonl"))
+        # Every kept reply keeps the limit its user turn states.
+        for r in rows:
+            for asked, reply in zip(r["messages"], r["messages"][1:]):
+                if asked["role"] == "user" and (limit := parse_word_limit(asked["content"])):
+                    assert obeys(limit, reply["content"]), (asked, reply)
+    summary, out = run_path(tmp_path / "kept", SAMPLE, keep_limit_breaking=True, eval_fraction=0)
+    assert summary["limit_breaking"] == 1 and summary["limit_breaking_kept"]
+    assert [r for r in read_jsonl(out / "train.jsonl") if r["messages"][0]["content"].startswith(prompt)]
+
+
+def test_every_turn_that_states_a_limit_is_held_to_it(tmp_path):
+    """A follow-up's limit counts as the opening's does: SFT's loss covers every reply."""
+    fifty = " ".join(["word"] * 50)
+    rows = [
+        msg("p0", None, "prompter", "t1", text="Tell me about rivers."),
+        msg("r0", "p0", "assistant", "t1", rank=0, text=fifty),
+        msg("p1", "r0", "prompter", "t1", text="Shorter please, at most 10 words."),
+        msg("r1", "p1", "assistant", "t1", rank=0, text=fifty),  # breaks the follow-up's limit
+        msg("q0", None, "prompter", "t2", text="Name a colour in 5 words or fewer."),
+        msg("s0", "q0", "assistant", "t2", rank=0, text="Blue, like the sky."),  # keeps it (5 words)
+    ]
+    summary, out = run(tmp_path, rows, eval_fraction=0)
+    assert summary["limit_breaking"] == 1
+    assert conversations(out) == [[("user", "Name a colour in 5 words or fewer."), ("assistant", "Blue, like the sky.")]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -209,13 +210,25 @@ def test_4bit_copy_loads_and_generates(exported, trained, tokenizer):
     assert info[str(quantized)]["check"]["prompts"] == 4
 
 
-def test_a_failed_export_leaves_the_old_one(exported, tiny_model_dir, adapter, tmp_path, monkeypatch):
-    out, _ = exported
-    target = tmp_path / "merged"
-    target.mkdir()
-    (target / "keep.txt").write_text("an earlier export")
+def test_overwrite_replaces_only_an_export_and_a_failed_one_leaves_the_old(tiny_model_dir, adapter,
+                                                                           tmp_path, monkeypatch):
+    """--overwrite never deletes a file it did not write: a folder of the user's is refused,
+    as is an export the user added a file to; a failed export leaves the old one whole."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("notes of my own")
     with pytest.raises(InputError, match="already exists and is not empty; pass --overwrite"):
-        export_model.main(export_args(tmp_path / "no-model-here", adapter, target))
+        export_model.main(export_args(tmp_path / "no-model-here", adapter, mine))
+    with pytest.raises(InputError, match=r"--overwrite .*mine: no export\.json: not an export of this script, so its "
+                                         r"files may be yours and are not replaced"):
+        export_model.main(export_args(tiny_model_dir, adapter, mine, "--overwrite", "true"))
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+
+    target = tmp_path / "merged"
+    export_model.main(export_args(tiny_model_dir, adapter, target, "--check", "false"))
+    written = json.loads((target / "export.json").read_text())["files"]
+    assert sorted(p.name for p in target.iterdir()) == written and "model.safetensors" in written
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def crash(model, tokenizer, folder):
         folder.mkdir(parents=True)
@@ -225,21 +238,50 @@ def test_a_failed_export_leaves_the_old_one(exported, tiny_model_dir, adapter, t
     monkeypatch.setattr(export_model, "save_model", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         export_model.main(export_args(tiny_model_dir, adapter, target, "--overwrite", "true", "--check", "false"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]  # no temporary folder left
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     monkeypatch.undo()
 
-    export_model.main(export_args(tiny_model_dir, adapter, target, "--overwrite", "true", "--check", "false"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the old one replaced, nothing beside it
-    assert "keep.txt" not in {p.name for p in target.iterdir()}
-    assert (target / "model.safetensors").read_bytes()[:8] != b"half"
+    export_model.main(export_args(tiny_model_dir, adapter, target, "--overwrite", "true", "--check", "false",
+                                  "--dtype", "float32"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]  # swapped in, nothing beside it
+    assert json.loads((target / "export.json").read_text())["dtype"] == "float32"
+    (target / "README.md").write_text("my model card")
+    with pytest.raises(InputError, match=r"--overwrite .*merged: holds README\.md, which export_model\.py did not "
+                                         r"write and --overwrite would delete; move it out"):
+        export_model.main(export_args(tiny_model_dir, adapter, target, "--overwrite", "true", "--check", "false"))
+    assert (target / "README.md").read_text() == "my model card"
+
+
+def test_an_output_folder_that_holds_or_lies_in_an_input_is_refused(tiny_model_dir, adapter, tmp_path):
+    """Exporting into `outputs/` (which holds the base and the adapter), into the adapter's
+    folder or under it, or into the base model's folder: the first run used to advise
+    --overwrite, which then replaced them."""
+    outputs = tmp_path / "outputs"
+    shutil.copytree(tiny_model_dir, outputs / "tiny-phi")
+    shutil.copytree(adapter, outputs / "sft", ignore=shutil.ignore_patterns("checkpoint-*"))
+    cases = [
+        (outputs, [], r"--output_dir .*outputs: holds the --adapter .*outputs/sft; choose a folder of its own"),
+        (outputs / "sft", [], r"--output_dir .*outputs/sft: is the --adapter"),
+        (outputs / "sft" / "merged", [], r"--output_dir .*sft/merged: is inside the --adapter"),
+        (outputs / "tiny-phi" / "merged", [], r"is inside the --model_name_or_path .*outputs/tiny-phi"),
+        (tmp_path / "m", ["--quantize_4bit", "true", "--quantized_output_dir", str(tmp_path / "m" / "q")],
+         r"--quantized_output_dir .*m/q: is inside the --output_dir"),
+        (tmp_path / "n", ["--space", str(outputs)], r"--space .*outputs: holds the --adapter"),
+    ]
+    for out, extra, message in cases:
+        with pytest.raises(InputError, match=message):
+            export_model.main(export_model.parse_args([
+                "--model_name_or_path", str(outputs / "tiny-phi"), "--adapter", str(outputs / "sft"),
+                "--output_dir", str(out), "--overwrite", "true", *extra]))
+    assert sorted(p.name for p in outputs.iterdir()) == ["sft", "tiny-phi"] and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--adapter", "MISSING"], r"--adapter .*MISSING: no adapter there"),
     (["--merge_into", "fp16"], r"--merge_into 'fp16': expected nf4 or original"),
-    (["--dtype", "int8"], r"expected one of float16, bfloat16, float32"),
-    (["--output_dir", "ADAPTER"], r"that is the adapter's folder"),
+    (["--dtype", "int8"], r"--dtype int8: expected float16 \(or fp16\), bfloat16 \(or bf16\) or float32"),
+    (["--output_dir", "ADAPTER"], r"--output_dir .*: is the --adapter .*; choose a folder of its own"),
 ])
 def test_bad_input_stops_before_a_model_loads(adapter, tmp_path, extra, message):
     extra = [str(tmp_path / "MISSING") if x == "MISSING" else str(adapter) if x == "ADAPTER" else x for x in extra]

@@ -241,7 +241,8 @@ def test_a_bad_model_file_in_the_space_is_one_line(exported, space_python, tmp_p
     out, _ = proc.communicate(timeout=120)
     lines = [line for line in out.strip().splitlines() if line]
     assert proc.returncode == 2, out
-    assert re.fullmatch(r"app: error: .*sft-q8_0\.gguf: llama\.cpp cannot load it .*; export it again", lines[-1])
+    assert re.fullmatch(r"app: error: .*sft-q8_0\.gguf: not a GGUF file \(it does not start with GGUF\); copy it "
+                        r"again, or write it again with export_model\.py --gguf", lines[-1])
     assert "Traceback" not in out
 
 

@@ -222,3 +222,261 @@ def test_flag_fuzzing_every_entry_point_gives_an_input_error_or_a_config():
             except Exception as e:  # noqa: BLE001 - the point is to catch anything else
                 crashes.append(f"{name} --{field} {value!r}: {type(e).__name__}: {str(e)[:80]}")
     assert not crashes, "\n".join(crashes[:20])
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged files: the file, what is wrong with it, what to do; never a library's traceback.
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    from tiny_adapters import untrained_adapter
+
+    return untrained_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "sft")
+
+
+def damaged_copies(adapter, tmp_path) -> dict:
+    """The adapter cut to half, to nothing, and with garbage for its settings."""
+    copies = {}
+    for name, damage in (("half", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+                         ("empty", lambda f: f.write_bytes(b"")),
+                         ("garbled", None)):
+        copy = shutil.copytree(adapter, tmp_path / name)
+        if damage:
+            damage(copy / "adapter_model.safetensors")
+        else:
+            (copy / "adapter_config.json").write_text('{"r": 4, "lora_alpha": \x00garbage')
+        copies[name] = copy
+    return copies
+
+
+DAMAGE = {
+    "half": r"adapter_model\.safetensors: cut short \([\d,]+ bytes where its header says [\d,]+\); copy the adapter "
+            r"folder again, or train it again",
+    "empty": r"adapter_model\.safetensors: cut short \(0 bytes: not even a safetensors header\); copy the adapter",
+    "garbled": r"adapter_config\.json:1: not valid JSON \(.* at column \d+\); copy the adapter folder again",
+}
+
+
+def test_export_on_a_damaged_adapter_is_one_line(tiny_model_dir, tiny_adapter, tmp_path):
+    """export_model.py on an adapter cut short ended in a safetensors traceback."""
+    import export_model
+
+    for name, copy in damaged_copies(tiny_adapter, tmp_path).items():
+        argv = ["--model_name_or_path", tiny_model_dir, "--adapter", copy, "--output_dir", tmp_path / f"out-{name}"]
+        if name == "half":  # as a user runs it: one line, exit 2
+            one_line_error(cli("export_model.py", *argv), DAMAGE[name])
+        with pytest.raises(InputError, match=DAMAGE[name]):
+            export_model.main(export_model.parse_args(list(map(str, argv))))
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_every_reader_of_an_adapter_names_the_damage(tiny_model_dir, tiny_adapter, sample_data_dir, tmp_path,
+                                                    monkeypatch):
+    """grpo_train.py --sft_adapter, evaluate.py, app.py and load_adapter itself: the same
+    line, before a model loads."""
+    import app
+    import evaluate
+    import grpo_train
+    from phi2qlora.model import load_adapter
+
+    no_model(monkeypatch, grpo_train, evaluate, app)
+    for name, copy in damaged_copies(tiny_adapter, tmp_path).items():
+        readers = [
+            lambda: grpo_train.main(*grpo_train.parse_args([
+                "--config", str(ROOT / "recipes" / "grpo_tiny.yaml"), "--model_name_or_path", str(tiny_model_dir),
+                "--sft_adapter", str(copy), "--output_dir", str(tmp_path / "grpo"), "--report_to", "none"])),
+            lambda: evaluate.requested_models(evaluate.parse_args(["--model_name_or_path", str(tiny_model_dir),
+                                                                   "--sft_adapter", str(copy), "--models", "sft"])),
+            lambda: app.adapter_folders(app.parse_args(["--base", str(tiny_model_dir), "--sft", str(copy)])),
+            lambda: load_adapter(SimpleModel(), str(copy)),
+        ]
+        for read in readers:
+            with pytest.raises(InputError, match=DAMAGE[name]):
+                read()
+    assert not (tmp_path / "grpo").exists()
+
+
+def no_model(monkeypatch, *scripts):
+    """Loading a model from these scripts fails the test: the checks come first."""
+    for script in scripts:
+        monkeypatch.setattr(script, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+class SimpleModel:
+    """Stands in for a loaded base: load_adapter checks the files before it looks at it."""
+
+    config = type("Config", (), {"name_or_path": "tiny"})()
+
+
+def test_a_damaged_model_or_tokenizer_folder_is_named(tiny_model_dir, tmp_path):
+    """Weights cut short, a garbled tokenizer.json: found when the folder is named, before
+    transformers or tokenizers read them."""
+    weights = shutil.copytree(tiny_model_dir, tmp_path / "weights")
+    (weights / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:1000])
+    tokenizer = shutil.copytree(tiny_model_dir, tmp_path / "tokenizer")
+    (tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    weights_cut = r"weights/model\.safetensors: cut short \(1,000 bytes.*the model folder is damaged: copy or download"
+    one_line_error(cli("sft_qlora.py", "--config", ROOT / "recipes" / "sft_tiny.yaml", "--model_name_or_path", weights,
+                       "--output_dir", tmp_path / "out"), weights_cut)
+    with pytest.raises(InputError, match=r"tokenizer/tokenizer\.json:1: not valid JSON .*the model folder is damaged"):
+        sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "sft_tiny.yaml"), "--model_name_or_path",
+                              str(tokenizer), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_gguf_is_named_with_what_is_wrong(tiny_model_dir, tmp_path):
+    """llama.cpp says only "Failed to load model from file"; the header says more."""
+    from phi2qlora.gguf import convert, converter_dir
+
+    try:
+        converter_dir()
+    except InputError as e:
+        pytest.skip(str(e))  # CI fetches it (.ci/run)
+    whole = convert(tiny_model_dir, tmp_path / "whole.gguf").read_bytes()
+    cases = {"half.gguf": (whole[: len(whole) // 2], rf"cut short \({len(whole) // 2:,} of {len(whole):,} bytes\)"),
+             "header.gguf": (whole[:100], r"cut short inside its header \(100 bytes\)"),
+             "empty.gguf": (b"", r"empty \(0 bytes\)"),
+             "other.gguf": (b"PK\x03\x04" + whole[4:], r"not a GGUF file \(it does not start with GGUF\)")}
+    for name, (data, what) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        one_line_error(cli("app.py", "--gguf", tmp_path / name),
+                       rf"{name}: {what}; copy it again, or write it again with export_model\.py --gguf")
+
+
+# ---------------------------------------------------------------------------------------
+# An adapter of another base: named, with the base it was trained on, before PEFT's traceback.
+# ---------------------------------------------------------------------------------------
+def test_an_adapter_of_another_base_is_named_with_its_base(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    import torch
+
+    import app
+    import evaluate
+    import export_model
+    from phi2qlora.model import load_adapter, load_base_model, load_chat_tokenizer
+    from tiny_adapters import untrained_adapter
+
+    wider = untrained_adapter(tiny_model_dir, tmp_path / "wider", hidden_size=64, trained_on="someone/narrow-phi")
+    width = (r"trained on someone/narrow-phi, which is not the base .*tiny-phi.* \(its rows of model\.embed_tokens "
+             r"are 64 wide where the base's are 128\)")
+    # The CLI: one line, exit 2, before the model loads.
+    result = cli("grpo_train.py", "--config", ROOT / "recipes" / "grpo_tiny.yaml", "--model_name_or_path",
+                 tiny_model_dir, "--sft_adapter", wider, "--output_dir", tmp_path / "grpo")
+    one_line_error(result, rf"--sft_adapter .*wider: {width}; pass --model_name_or_path someone/narrow-phi, the base "
+                           "it was trained on")
+    # Every other script that loads one, before its model loads.
+    base = load_base_model(str(tiny_model_dir), load_chat_tokenizer(str(tiny_model_dir)), torch.float32)
+    no_model(monkeypatch, evaluate, export_model, app)
+    checks = [
+        lambda: evaluate.requested_models(evaluate.parse_args(["--model_name_or_path", str(tiny_model_dir),
+                                                               "--grpo_adapter", str(wider), "--models", "base,grpo"])),
+        lambda: export_model.main(export_model.parse_args(["--model_name_or_path", str(tiny_model_dir),
+                                                           "--adapter", str(wider), "--output_dir", str(tmp_path / "x")])),
+        lambda: app.adapter_folders(app.parse_args(["--base", str(tiny_model_dir), "--sft", str(wider)])),
+        lambda: load_adapter(base, str(wider)),  # the one place adapters load: a Hub base is checked here
+    ]
+    for check in checks:
+        with pytest.raises(InputError, match=width):
+            check()
+    # Another vocabulary: rows the base does not have.
+    other_vocab = untrained_adapter(tiny_model_dir, tmp_path / "vocab", token_ids=[1500, 1501], trained_on="big-phi")
+    with pytest.raises(InputError, match=r"trained on big-phi, .*its trained token rows of model\.embed_tokens go up "
+                                         r"to id 1,501, where the base has 1,024 rows: another vocabulary"):
+        load_adapter(base, str(other_vocab))
+    assert not (tmp_path / "grpo").exists() and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Training data with nothing to learn: refused before the model loads, with a count.
+# ---------------------------------------------------------------------------------------
+def conversations_file(path, *turns):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": user},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for user, reply in turns))
+    return path
+
+
+def test_training_data_that_leaves_nothing_to_learn(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Every reply empty (the run used to exit 0 having learnt to end the turn), every reply
+    past max_length once truncated (TRL dropped them all, then a sampler traceback): refused
+    with the counts. Only some: dropped, and said how many and why."""
+    monkeypatch.setattr(sft_qlora, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    long_question = "Tell me everything about rivers, lakes and seas. " * 8
+    empty = conversations_file(tmp_path / "empty.jsonl", ("Hi", ""), ("Why?", "  \n"), ("What?", ""))
+    too_long = conversations_file(tmp_path / "long.jsonl", (long_question, "Water."), (long_question, "Rain."))
+    mixed = conversations_file(tmp_path / "mixed.jsonl", ("Hi", "Hello there."), ("Why?", ""),
+                               (long_question, "Water."), ("Name a colour.", "Blue."))
+
+    def sft(train_file, out):
+        return sft_qlora.main(*sft_args(tiny_model_dir, tmp_path, tmp_path / out, "--train_file", str(train_file),
+                                        "--eval_file", "", "--max_length", "32", "--preview_steps", "0"))
+
+    with pytest.raises(InputError, match=r"empty\.jsonl: nothing to learn in its 3 conversations \(3 every assistant "
+                                         r"reply is empty \(the row would teach only to end the turn at once\)\); give"):
+        sft(empty, "a")
+    with pytest.raises(InputError, match=r"long\.jsonl: nothing to learn in its 2 conversations \(2 no assistant token "
+                                         r"within max_length 32 \(the turns before it fill that\)\)"):
+        sft(too_long, "b")
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+        sft(mixed, "c")  # two rows remain: training would start
+    out = capsys.readouterr().out
+    assert ("mixed.jsonl: dropped 2 of 4 conversations with nothing to learn: 1 every assistant reply is empty (the "
+            "row would teach only to end the turn at once); 1 no assistant token within max_length 32") in out
+    assert "[sft] 2 train / 0 eval conversations" in out
+
+
+# ---------------------------------------------------------------------------------------
+# One vocabulary for the dtype, in every script.
+# ---------------------------------------------------------------------------------------
+def test_every_script_takes_the_same_dtype_names(tmp_path):
+    import torch
+
+    import app
+    import evaluate
+    import export_model
+    from phi2qlora.model import pick_dtype
+
+    for short, name in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32"), ("float16", "float16")):
+        if short != "bf16" or torch.cuda.is_available():  # transformers refuses bf16 training on a CPU
+            assert sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "sft_tiny.yaml"),
+                                         "--dtype", short])[2].dtype == name
+        assert evaluate.parse_args(["--dtype", short]).dtype == name
+        assert app.parse_args([f"--dtype={short}"]).dtype == name
+        assert export_model.parse_args(["--dtype", short, "--train_dtype", short]).train_dtype == name
+        assert pick_dtype(short) == getattr(torch, name)  # from Python too, where no parser ran
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes" / "sft_tiny.yaml").read_text().replace("dtype: auto", "dtype: fp32"))
+    assert sft_qlora.parse_args(["--config", str(recipe)])[2].dtype == "float32"
+    # A name no script knows: the same line from each.
+    line = r"--dtype fp8: expected auto, float16 \(or fp16\), bfloat16 \(or bf16\) or float32 \(or fp32\)"
+    for script in ("evaluate.py", "app.py"):  # where --dtype fp16 was a traceback
+        one_line_error(cli(script, "--dtype", "fp8"), line)
+    with pytest.raises(InputError, match=line):
+        sft_qlora.parse_args(["--config", str(ROOT / "recipes" / "sft_tiny.yaml"), "--dtype", "fp8"])
+    recipe.write_text((ROOT / "recipes" / "sft_tiny.yaml").read_text().replace("dtype: auto", "dtype: fp8"))
+    with pytest.raises(InputError, match=r"r\.yaml:\d+: 'dtype' fp8: expected auto, float16"):
+        sft_qlora.parse_args(["--config", str(recipe)])
+
+
+# ---------------------------------------------------------------------------------------
+# app.py on a port in use.
+# ---------------------------------------------------------------------------------------
+def test_app_on_a_busy_port_names_it_and_a_free_one(tmp_path):
+    """Checked before any model loads; Gradio's own refusal (a port taken meanwhile) reads
+    the same."""
+    import socket
+
+    import gradio as gr
+
+    import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pattern = (rf"--port {port}: already in use on 127\.0\.0\.1 \(another app\.py or another server\); pass "
+                   rf"--port \d+ \(free now\), or --port 0 for the first free one from 7860")
+        one_line_error(cli("app.py", "--port", port, "--sft", tmp_path / "not-trained-yet"), pattern)
+        with gr.Blocks() as page:
+            gr.Markdown("a page")
+        with pytest.raises(InputError, match=pattern):
+            app.launch(page, app.parse_args(["--port", str(port)]))

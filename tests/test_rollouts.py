@@ -99,10 +99,11 @@ def test_adapters_disabled_give_the_base(policy):
 
 def test_rows_stop_at_their_end_token(policy):
     model, tokenizer, enc = policy
-    # Seeded, and each prompt sampled four times: unseeded, whether any of four rows ended
-    # within 60 tokens hung on what the tests before had drawn from the global generator.
+    # Seeded, and each prompt sampled eight times: unseeded, whether any of four rows ended
+    # within 60 tokens hung on what the tests before had drawn from the global generator;
+    # four times each, on the sample's data of 2026-12-06, none of 16 did (3 of 32 here).
     torch.manual_seed(0)
-    enc = {k: v.repeat(4, 1) for k, v in enc.items()}
+    enc = {k: v.repeat(8, 1) for k, v in enc.items()}
     new = fast(model, tokenizer, enc, 60, temperature=1.0)
     rows = fr.completion_lists(new, [tokenizer.eos_token_id])
     for row, full in zip(rows, new.tolist()):

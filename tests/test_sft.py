@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sft_args, stop_at
+from conftest import pickles_under, sft_args, stop_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -143,6 +143,20 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, sample_data_dir, tmp_p
     assert losses(resumed).keys() == set(range(5, 9))
     for step, loss in losses(straight).items():
         assert losses(resumed)[step] == pytest.approx(loss, abs=1e-6)
+
+    # --resume_from_checkpoint: the straight run's checkpoint-4, resumed into a new folder,
+    # ends where the straight run ended (the flag used to start from step 0 instead).
+    moved = sft_qlora.main(*sft_args(tiny_model_dir, sample_data_dir, tmp_path / "c", *common_args,
+                                     "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-4")))
+    assert losses(moved) == pytest.approx(losses(straight), abs=1e-6)
+    c = load_file(tmp_path / "c" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=0)
+    # Nothing any of the runs wrote, checkpoints included, is a pickle (training_args.bin,
+    # optimizer.pt, scheduler.pt and rng_state.pth were).
+    assert {p.name for p in (tmp_path / "a" / "checkpoint-4").iterdir()} >= {
+        "training_args.json", "optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors"}
+    assert pickles_under(tmp_path) == []
 
 
 def test_several_adapters_on_one_base_switch_cleanly(trained, tiny_model_dir, sample_data_dir, tmp_path):

@@ -48,7 +48,9 @@ def test_fused_gelu_is_phi2s_gelu(models):
 
 
 def test_fused_gelu_gives_the_same_loss_curve(models, sample_data_dir, tmp_path, plain_losses):
-    assert len(plain_losses) == 4 and plain_losses[-1] < plain_losses[0]
+    # Four different losses: a curve to compare. (Whether it falls in four steps of two
+    # conversations hangs on which two each step draws, not on the activation.)
+    assert len(plain_losses) == 4 and len(set(plain_losses)) == 4 and all(0 < x < 20 for x in plain_losses)
     fused = losses(models[1], sample_data_dir, tmp_path)
     assert fused == pytest.approx(plain_losses, rel=1e-4, abs=1e-4)
 

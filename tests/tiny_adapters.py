@@ -32,3 +32,34 @@ def scaled_adapter(adapter_dir, out, factor: float) -> Path:
     save_file({k: v * factor if "lora_B" in k else v for k, v in weights.items()},
               Path(out) / "adapter_model.safetensors")
     return Path(out)
+
+
+def untrained_adapter(model_dir, out, *, hidden_size: int | None = None, token_ids=None,
+                      trained_on: str | None = None) -> Path:
+    """An adapter as sft_qlora.py saves one (LoRA on the projections, trainable chat-token
+    rows, the tokenizer beside it), made on the tiny model without training, in a second:
+    what the checks of adapter files need. `hidden_size`: made on a tiny Phi of another
+    width instead; `token_ids`: the embedding rows it trains; `trained_on`: the base its
+    adapter_config.json names."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, PhiForCausalLM
+
+    from phi2qlora.chat import chat_token_ids
+    from phi2qlora.model import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(str(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    if hidden_size:
+        config.hidden_size, config.intermediate_size = hidden_size, 4 * hidden_size
+    config.vocab_size = max(config.vocab_size, 1 + max(token_ids or [0]))
+    ids = token_ids or list(chat_token_ids(tokenizer).values())
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+                      trainable_token_indices={"embed_tokens": ids})
+    get_peft_model(PhiForCausalLM(config), lora).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    settings = json.loads((Path(out) / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = trained_on or str(model_dir)
+    (Path(out) / "adapter_config.json").write_text(json.dumps(settings))
+    return Path(out)
