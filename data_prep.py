@@ -62,7 +62,7 @@ against each other (a turn whose replies carry no rank gives none: "unranked").
       apart, a word limit the shorter obeys and the longer breaks is appended to the
       user's turn, and the shorter is chosen. The limit is the lesson: without one the
       ranked pairs keep the people's choice, which the summary says how often is the
-      longer reply (41 of 44 on the bundled sample).
+      longer reply (41 of 43 on the bundled sample).
 On the synthetic file above (random ranks, so no length preference): 5,697 user turns with
 2+ replies, 879 unranked; best_worst 4,590 train / 228 eval pairs, all_ranked 10,788 / 534,
 concise 6,455 / 305 more beside best_worst's.
@@ -689,7 +689,7 @@ def prompt_rows(trees: list, word_limit_fraction: float, rng: random.Random) -> 
 PAIR_KINDS = ("best_worst", "all_ranked", "concise")
 PAIR_FILES = ("pairs_train.jsonl", "pairs_eval.jsonl")
 # Why a user turn with two or more replies gave no ranked pair, or a pair was left out.
-PAIR_SKIPS = ("unranked", "tied_rank", "same_text")
+PAIR_SKIPS = ("unranked", "tied_rank", "same_text", "limit_broken")
 
 
 def as_messages(path: list[dict]) -> list[dict]:
@@ -728,19 +728,25 @@ def pair_row(messages: list[dict], chosen: dict, rejected: dict, kind: str, word
             "tree": chosen["tree"]}
 
 
-def ranked_pairs(path: list[dict], replies: list[dict], every_pair: bool, skipped: Counter) -> list[dict]:
+def ranked_pairs(path: list[dict], replies: list[dict], every_pair: bool, skipped: Counter,
+                 keep_limit_breaking: bool = False) -> list[dict]:
     """The best-ranked reply against the worst-ranked one (or every two ranked replies, the
-    better one chosen). Rank 0 is the volunteers' best; unranked replies take no part."""
+    better one chosen). Rank 0 is the volunteers' best; unranked replies take no part. A
+    chosen reply that breaks the word limit its user turn states gives no pair (as SFT drops
+    such a conversation), unless `keep_limit_breaking`."""
     ranked = [r for r in replies if r["rank"] is not None]  # best first (rank_key)
     if len(ranked) < 2:
         skipped["unranked"] += 1
         return []
+    limit = None if keep_limit_breaking else parse_word_limit(path[-1]["text"])
     rows = []
     for better, worse in itertools.combinations(ranked, 2) if every_pair else [(ranked[0], ranked[-1])]:
         if better["rank"] == worse["rank"]:
             skipped["tied_rank"] += 1
         elif better["text"] == worse["text"]:
             skipped["same_text"] += 1
+        elif limit is not None and not obeys(limit, better["text"]):
+            skipped["limit_broken"] += 1
         else:
             rows.append(pair_row(as_messages(path), better, worse, "ranked"))
     return rows
@@ -752,6 +758,8 @@ def concise_pairs(path: list[dict], replies: list[dict], rank_gap: int, rng: ran
     examples and the GRPO prompts add it; the shorter reply is chosen. The limit is what
     the pair teaches: without one, the ranked pairs keep the people's own choice, long or
     short (data_prep's summary says how often that is the longer reply)."""
+    if parse_word_limit(path[-1]["text"]) is not None:
+        return []  # the turn states its own limit: the ranked pairs hold it to that one
     ranked = [r for r in replies if r["rank"] is not None]
     words = {r["id"]: count_words(r["text"]) for r in ranked}
     rows = []
@@ -781,7 +789,7 @@ def preference_pairs(roots: list[dict], kept: dict, train_trees: list, eval_tree
     groups = reply_groups(roots, kept)
     rows = []
     for path, replies in groups:
-        rows += ranked_pairs(path, replies, "all_ranked" in kinds, skipped)
+        rows += ranked_pairs(path, replies, "all_ranked" in kinds, skipped, args.keep_limit_breaking)
         if "concise" in kinds:
             rows += concise_pairs(path, replies, args.concise_rank_gap, rng)
     train = shuffled([r for r in rows if r["tree"] in train_ids], random.Random(f"{args.seed}:pairs_train"))

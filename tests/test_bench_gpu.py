@@ -167,9 +167,12 @@ def test_dpo_jobs(ctx):
         assert r["ok"] and r["finite"] and r["steps"] == 2 and r["steps_timed"] == 1, r
         assert r["pairs_per_step"] == 2 and len(r["losses"]) == 2 and r["losses"][0] == pytest.approx(math.log(2))
         assert r["setup_s"] > 0 and r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
-    assert [r["reference"] for r in results] == ["ref adapter", "precomputed"]
+    assert [r["reference"] for r in results] == ["ref adapter", "precomputed"] * 2
+    for generic, fast in zip(results[:2], results[2:]):  # the same steps on the fast layers
+        assert fast["name"] == generic["name"] + " fast" and fast["losses"] == pytest.approx(generic["losses"], rel=1e-4)
     text = bench.table(results)
     assert "2 steps, 2 pairs/step, reference ref adapter" in text and "reference precomputed" in text
     rows = [bench.json.loads(line) for line in open(bench.Path(ctx["work"]) / "pairs_4.jsonl", encoding="utf-8")]
     assert len(rows) == 4 and all(r["chosen"] != r["rejected"] for r in rows)
-    assert [j["name"] for j in bench.select_jobs("dpo")] == ["t4 dpo recipe", "t4 dpo precompute"]
+    assert [j["name"] for j in bench.select_jobs("dpo")] == ["t4 dpo recipe", "t4 dpo precompute",
+                                                              "t4 dpo recipe fast", "t4 dpo precompute fast"]

@@ -40,7 +40,8 @@ def test_counts_match_the_hand_built_expectation(tmp_path):
     single reply. Best against worst: 7 + 1 = 8 pairs; every ranked pair: 3 + 3 + 6 x 1 = 12;
     the rank-0 reply is the shorter in 3 of the 8 (40 < 43, 45 < 47, 23 < 25 words)."""
     summary, out = prepared(tmp_path / "best", PAIRS_SAMPLE, "--eval_fraction", "0")
-    assert summary["reply_groups"] == 9 and summary["pairs_skipped"] == {"unranked": 1, "tied_rank": 0, "same_text": 0}
+    assert summary["reply_groups"] == 9 and summary["pairs_skipped"] == {"unranked": 1, "tied_rank": 0, "same_text": 0,
+                                                                         "limit_broken": 0}
     assert summary["pairs_train"] == {"ranked": 8} and summary["pairs_eval"] == {}
     assert summary["ranked_chosen_shorter"] == 3
     train, held_out = pairs(out)
@@ -54,12 +55,14 @@ def test_counts_match_the_hand_built_expectation(tmp_path):
     assert sorted(tuple(r["ranks"]) for r in pairs(out)[0]) == [(0, 1)] * 8 + [(0, 2)] * 2 + [(1, 2)] * 2
 
 
-@pytest.mark.parametrize("kind, expected", [("best_worst", 44), ("all_ranked", 58)])
+@pytest.mark.parametrize("kind, expected", [("best_worst", 43), ("all_ranked", 57)])
 def test_main_sample_counts_and_split(tmp_path, kind, expected):
     """46 English user turns of the main sample have two or more assistant replies; one loses
     its deleted best reply (one reply left) and one hangs below a deleted prompt: 44 groups,
-    all ranked, so 44 best-against-worst pairs. Seven groups keep three ranked replies, two
-    more pairs each with all_ranked: 58. Pairs split by tree, as the SFT files do."""
+    all ranked. One asks for "under 50 words" and both its replies break it (50 and 70
+    words): no pair, as SFT drops its conversation. So 43 best-against-worst pairs; seven
+    groups keep three ranked replies, two more pairs each with all_ranked: 57. Pairs split
+    by tree, as the SFT files do."""
     # No limits appended to the SFT rows here, so their opening turns are the trees' own.
     summary, out = prepared(tmp_path, SAMPLE, "--eval_fraction", "0.25", "--pairs", kind, "--concise_share", "0")
     train, held_out = pairs(out)
@@ -106,8 +109,8 @@ def test_concise_pairs_obey_their_rule(tmp_path):
                       if tree == row["tree"] and row["prompt"][-1]["content"].startswith(last)]
         assert same_group and same_group[0]["prompt"][:-1] == row["prompt"][:-1]
     # Not "shorter is better": without a stated limit the people's choice stands, and on the
-    # sample it is the longer reply in all but 3 of the 44 ranked pairs.
-    assert summary["ranked_chosen_shorter"] == 3 and summary["ranked_pairs"] == 44
+    # sample it is the longer reply in all but 2 of the 43 ranked pairs.
+    assert summary["ranked_chosen_shorter"] == 2 and summary["ranked_pairs"] == 43
     assert all(r["word_limit"] is None for r in ranked.values())
 
     wider, out = prepared(tmp_path / "gap2", SAMPLE, "--pairs", "concise", "--concise_rank_gap", "2")
