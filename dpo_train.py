@@ -40,7 +40,7 @@ from phi2qlora.model import (
     trainable_weights,
 )
 from phi2qlora.pairs import read_pair_rows, tokenize_pair
-from phi2qlora.training import claim_output_dir, input_paths, plot_history, train_guarded
+from phi2qlora.training import claim_output_dir, input_paths, plot_history, save_trained_adapter, train_guarded
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "dpo_phi2_t4.yaml"
@@ -163,21 +163,16 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     # AMP: DPOTrainer rounds them to bf16, and fp16 training then fails at the first clip).
     restore_sft_weights(trainer.model, sft_weights)
     use_fast_training(trainer.model, script_args.fast_training, log=print if trainer.is_world_process_zero() else None)
-    if script_args.preview_steps > 0:
-        trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
-                                             every=script_args.preview_steps,
-                                             max_new_tokens=script_args.preview_max_new_tokens,
-                                             max_share=script_args.preview_max_share,
-                                             fast=script_args.fast_previews))
+    if preview := PreviewCallback.for_run(tokenizer, training_args.output_dir, previews, script_args,
+                                          fast=script_args.fast_previews):
+        trainer.add_callback(preview)
 
     train_guarded(trainer, resume_from, {
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "max_length": training_args.max_length,
         "gradient_checkpointing": training_args.gradient_checkpointing})
     if trainer.is_world_process_zero():
-        # The trained adapter alone: checkpoints also hold the frozen `ref` copy.
-        trainer.model.save_pretrained(training_args.output_dir, selected_adapters=["default"])
-        tokenizer.save_pretrained(training_args.output_dir)
+        save_trained_adapter(trainer.model, tokenizer, training_args.output_dir)
         plot_history(trainer.state.log_history,
                      {"train loss": "loss", "eval loss": "eval_loss",
                       "train reward accuracy": "rewards/accuracies", "eval reward accuracy": "eval_rewards/accuracies"},

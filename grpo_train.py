@@ -40,7 +40,7 @@ from phi2qlora.model import (
     trainable_weights,
 )
 from phi2qlora.rewards import REWARD_FUNCS, make_reward_funcs, reward_weights, word_limit_compliance, word_limit_reward
-from phi2qlora.training import claim_output_dir, input_paths, plot_history, train_guarded
+from phi2qlora.training import claim_output_dir, input_paths, plot_history, save_trained_adapter, train_guarded
 from phi2qlora.word_limits import count_words
 from preview_callback import PreviewCallback
 
@@ -164,12 +164,9 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     )
     restore_sft_weights(trainer.model, sft_weights)
     use_fast_training(trainer.model, script_args.fast_training, log=print if trainer.is_world_process_zero() else None)
-    if script_args.preview_steps > 0:
-        trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, previews,
-                                             every=script_args.preview_steps,
-                                             max_new_tokens=script_args.preview_max_new_tokens,
-                                             max_share=script_args.preview_max_share,
-                                             fast=script_args.fast_rollouts))
+    if preview := PreviewCallback.for_run(tokenizer, training_args.output_dir, previews, script_args,
+                                          fast=script_args.fast_rollouts):
+        trainer.add_callback(preview)
 
     train_guarded(trainer, resume_from, {
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -177,9 +174,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
         "num_generations": training_args.num_generations,
         "gradient_checkpointing": training_args.gradient_checkpointing})
     if trainer.is_world_process_zero():
-        # The trained adapter alone: checkpoints also hold the frozen `ref` copy.
-        trainer.model.save_pretrained(training_args.output_dir, selected_adapters=["default"])
-        tokenizer.save_pretrained(training_args.output_dir)
+        save_trained_adapter(trainer.model, tokenizer, training_args.output_dir)
         names = [f.__name__ for f in REWARD_FUNCS]
         plot_history(trainer.state.log_history,
                      {"total reward": "reward", **{n: f"rewards/{n}/mean" for n in names},

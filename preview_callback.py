@@ -42,6 +42,16 @@ class PreviewCallback(TrainerCallback):
         self.started = None
         self.skipped = 0
 
+    @classmethod
+    def for_run(cls, tokenizer, output_dir, prompts, script_args, fast: bool):
+        """The callback a training script adds, from its preview_* options; None when
+        `preview_steps` is 0."""
+        if script_args.preview_steps <= 0:
+            return None
+        return cls(tokenizer, output_dir, prompts, every=script_args.preview_steps,
+                   max_new_tokens=script_args.preview_max_new_tokens, max_share=script_args.preview_max_share,
+                   fast=fast)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.started = time.perf_counter()
         self.preview(model, state)

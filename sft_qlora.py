@@ -139,11 +139,9 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         peft_config=lora_config(model_args, tokenizer),
         callbacks=list(callbacks),
     )
-    if script_args.preview_steps > 0:
-        trainer.add_callback(PreviewCallback(tokenizer, training_args.output_dir, prompts, every=script_args.preview_steps,
-                                             max_new_tokens=script_args.preview_max_new_tokens,
-                                             max_share=script_args.preview_max_share,
-                                             fast=script_args.fast_previews))
+    if preview := PreviewCallback.for_run(tokenizer, training_args.output_dir, prompts, script_args,
+                                          fast=script_args.fast_previews):
+        trainer.add_callback(preview)
     fix_lm_head_bias(trainer.model)
     upcast_trainable_params(trainer.model)
     use_fast_training(trainer.model, script_args.fast_training, log=print if trainer.is_world_process_zero() else None)

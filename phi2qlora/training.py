@@ -322,3 +322,10 @@ def plot_history(log_history: list[dict], series: dict[str, str], path: str | os
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return True
+
+
+def save_trained_adapter(model, tokenizer, output_dir) -> None:
+    """The adapter that trained (`default`) and the tokenizer with the chat tokens, for a run
+    that continued a loaded adapter: its checkpoints also hold TRL's frozen `ref` copy."""
+    model.save_pretrained(output_dir, selected_adapters=["default"])
+    tokenizer.save_pretrained(output_dir)
