@@ -299,8 +299,9 @@ class _Turns:
 
 class FastPhiLayer:
     """The fast forward, mixed in before the model's own decoder-layer class (so gradient
-    checkpointing, hooks and the state dict stay the class's). Falls back to the generic
-    forward for what it does not do: a KV cache (generation), no rotary input."""
+    checkpointing, hooks and the state dict stay the class's). Fills an empty KV cache (a
+    prompt's forward); falls back to the generic forward for what it does not do: decode
+    steps over a filled cache, attention weights asked for, no rotary input."""
 
     _fast_turns: _Turns
     _fast_compile = False
@@ -324,10 +325,10 @@ class FastPhiLayer:
         heads, head_dim = attn.config.num_attention_heads, attn.head_dim
         ins = phi2.input_modules(self)
         dtype = _compute_dtype(ins[0], x)
-        noises = _Noises(self, (batch, length, hidden), phi2.base_layer(mlp.fc1).out_features, dtype, x.device)
+        inter = phi2.base_layer(mlp.fc1).out_features
+        noises = _Noises(self, (batch, length, hidden), inter, dtype, x.device)
 
         h = ops.norm(x.view(-1, hidden), norm.weight, norm.bias, norm.eps, dtype)
-        inter = phi2.base_layer(mlp.fc1).out_features
         qk, v, up = frozen_linear_lora(h, ins, noises.for_modules, [2 * hidden, hidden, inter])  # q|k, v, fc1
         cos, sin = position_embeddings
         turn = self._fast_turns.get(cos, sin, batch, head_dim, dtype)
