@@ -210,6 +210,25 @@ JOBS["t4 fast"] = [
     sft_job("t4 match fast", grouped(16, True, *MATCH, *FAST_LAYERS), gelu="tanh", steps=20, warmup=0,
             no_dropout=True, compare_to="t4 match generic", why="the same steps on the fast layers, fp16"),
 ]
+# GRPO's step in bf16 on the fast layers, where its time goes, and the micro-batch: 8
+# completions a forward (the T4 recipe) leave an H100 waiting on the host.
+MICRO16 = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2"]
+MICRO32 = ["--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1"]
+JOBS["grpo"] = [
+    dict(name="grpo fast layers", kind="grpo", steps=8, warmup=2, args=FAST_LAYERS,
+         why="the T4 recipe (8 x 4 completions, ckpt) on the fast layers and fast rollouts, bf16"),
+    dict(name="grpo phases", kind="grpo", steps=4, warmup=2, args=FAST_LAYERS, phases=True,
+         why="the same, its time by phase"),
+    dict(name="grpo mb16", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, *MICRO16],
+         why="16 x 2 completions: half the forward/backward calls, same 32 a step"),
+    dict(name="grpo mb32", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, *MICRO32],
+         why="32 x 1: one forward and backward a step"),
+    dict(name="grpo mb32 phases", kind="grpo", steps=4, warmup=2, args=[*FAST_LAYERS, *MICRO32], phases=True,
+         why="32 x 1, its time by phase"),
+    dict(name="grpo mb32 no-ckpt", kind="grpo", steps=8, warmup=2,
+         args=[*FAST_LAYERS, *MICRO32, "--gradient_checkpointing", "false"],
+         why="32 x 1 without the recomputed forward, if memory allows"),
+]
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
 
 
@@ -661,18 +680,86 @@ def run_rollout(job: dict, ctx: dict) -> dict:
     return result
 
 
+class PhaseClock:
+    """Seconds of each timed GRPO step spent in its phases, GPU synchronised at each edge
+    (which costs a little: jobs that ask for phases are timed beside ones that don't):
+    rollouts (`_generate`: sampling, and decoding the completions), log-probs without gradient (the `ref` pass),
+    the policy's forward with gradient and its backward (`Accelerator.backward`, the
+    recompute of checkpointing included). The rest of a step is the optimizer, the rewards,
+    TRL's bookkeeping and the host."""
+
+    def __init__(self, warmup: int):
+        from collections import defaultdict
+
+        self.warmup, self.seconds, self.on, self.undo = warmup, defaultdict(float), False, []
+
+    def wrap(self, owner, name: str, phase) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not self.on:
+                return original(*args, **kwargs)
+            label = phase if isinstance(phase, str) else phase()
+            sync()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync()
+                self.seconds[label] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, original))
+
+    def install(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from trl import GRPOTrainer
+
+        self.wrap(GRPOTrainer, "_generate", "rollouts")
+        self.wrap(GRPOTrainer, "_get_per_token_logps_and_entropies",
+                  lambda: "policy forward" if torch.is_grad_enabled() else "no-grad log-probs")
+        self.wrap(Accelerator, "backward", "backward")
+
+    def remove(self) -> None:
+        for owner, name, original in reversed(self.undo):
+            setattr(owner, name, original)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class StartAfterWarmup(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.on = state.global_step >= clock.warmup
+
+        return StartAfterWarmup()
+
+    def per_step(self, steps: int) -> dict:
+        return {f"phase_{k.replace(' ', '_').replace('-', '_')}_s": v / max(steps, 1) for k, v in self.seconds.items()}
+
+
 def run_grpo(job: dict, ctx: dict) -> dict:
     import grpo_train
 
     timer = step_timer(job["warmup"], None)
+    clock = PhaseClock(job["warmup"]) if job.get("phases") else None
+    if clock:
+        clock.install()
     argv = ["--config", ctx["grpo_recipe"], "--model_name_or_path", ctx["model_dir"], "--sft_adapter", ctx["adapter"],
             "--prompts_file", ctx["prompts_file"], "--output_dir", str(Path(ctx["work"]) / slug(job["name"])),
             "--max_steps", str(job.get("steps_override") or job["steps"]), "--report_to", "none",
             "--save_strategy", "no", "--preview_steps", "0", "--dtype", dtype_name(ctx), "--resume", "false",
             *job.get("args", []), *ctx.get("grpo_overrides", [])]
     start = time.perf_counter()
-    trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=[timer])
-    return {**summarize(timer.times), **memory(), **finite_logs(trainer.state.log_history),
+    try:
+        trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=[timer, *([clock.callback()] if clock else [])])
+    finally:
+        if clock:
+            clock.remove()
+    phases = clock.per_step(len(timer.times)) if clock else {}
+    return {**summarize(timer.times), **phases, **memory(), **finite_logs(trainer.state.log_history),
             "wall_s": time.perf_counter() - start, "steps": trainer.state.global_step,
             "completions_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps}
 
@@ -964,6 +1051,8 @@ def table(results: list[dict]) -> str:
         if r["kind"] == "grpo":
             notes.append(f"{r.get('steps')} steps, {r.get('completions_per_step')} completions/step"
                          + ("" if r.get("finite", True) else " NaN!"))
+            if phases := {k[6:-2].replace("_", " "): v for k, v in r.items() if k.startswith("phase_")}:
+                notes.append(", ".join(f"{name} {v:.2f} s" for name, v in phases.items()))
         lines.append(f"{r['name']:<18} {r.get('tok_s', 0):>8.0f} {spread:>15} {r.get('step_s', 0):>7.2f} "
                      f"{r.get('tokens_per_step', 0):>8.0f} {r.get('peak_alloc_gib', 0):>8.2f} "
                      f"{r.get('peak_reserved_gib', 0):>7.2f}  {'; '.join(notes)}")

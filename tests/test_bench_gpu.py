@@ -88,6 +88,19 @@ def test_grpo_step_and_rollout_jobs(ctx):
     grpo = bench.run_job_here(dict(bench.ALL_JOBS["grpo-step"], steps=2, warmup=1), ctx)
     assert grpo["ok"] and grpo["steps"] == 2 and grpo["steps_timed"] == 1 and grpo["finite"], grpo
     assert grpo["completions_per_step"] == 4
+    # The phase clock: each phase timed within the step, the methods it wrapped given back.
+    from accelerate import Accelerator
+    from trl import GRPOTrainer
+
+    originals = GRPOTrainer._generate, Accelerator.backward
+    phased = bench.run_job_here(dict(bench.ALL_JOBS["grpo phases"], steps=3, warmup=1), ctx)
+    assert phased["ok"] and phased["steps_timed"] == 2, phased
+    phases = {k: v for k, v in phased.items() if k.startswith("phase_")}
+    assert set(phases) == {"phase_rollouts_s", "phase_no_grad_log_probs_s", "phase_policy_forward_s",
+                           "phase_backward_s"}, phases
+    assert all(v > 0 for v in phases.values()) and sum(phases.values()) < phased["step_s"] * 1.05, phased
+    assert (GRPOTrainer._generate, Accelerator.backward) == originals
+    assert "rollouts " in bench.table([phased])
     # The rollout in its own process, as the benchmark runs every job.
     rollout = bench.run_job_isolated(bench.ALL_JOBS["rollout"], ctx, timeout=300)
     assert rollout["ok"], rollout
