@@ -380,10 +380,49 @@ def write_profile(prof, steps: int, out: Path | None, tokens: int | None = None)
         "top_cpu": [(e.key[:90], e.count // steps, round(e.self_cpu_time_total / steps / 1e3, 2))
                     for e in sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]],
     }
+    try:
+        events = prof.events()
+        idle = idle_by_host_op([(e.time_range.start, e.time_range.end) for e in events
+                                if e.device_type == DeviceType.CUDA],
+                               [(e.time_range.start, e.time_range.end, e.name) for e in events
+                                if e.device_type == DeviceType.CPU and e.cpu_parent is None])
+        summary["gpu_idle_ms_per_step"] = idle.pop("(all)") / steps / 1e3
+        summary["gpu_idle_by_host_op"] = [(name, round(us / steps / 1e3, 2)) for name, us in list(idle.items())[:10]]
+    except Exception as e:  # noqa: BLE001 - the gaps are a bonus
+        print(f"[bench] idle analysis failed: {e!r}", flush=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def idle_by_host_op(kernels: list[tuple[float, float]], host_ops: list[tuple[float, float, str]],
+                    min_gap_us: float = 50.0) -> dict[str, float]:
+    """Where the host set the pace: the GPU's idle gaps between kernels (at least `min_gap_us`),
+    each charged to the outermost host ops it overlapped, by their overlap (the rest to
+    Python between ops). Microseconds by op name, largest first, the total under "(all)"."""
+    from collections import defaultdict
+
+    gaps, end = [], None
+    for start, stop in sorted(kernels):
+        if end is not None and start - end >= min_gap_us:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    by_name = defaultdict(float)
+    ops = sorted(host_ops)
+    for gap_start, gap_end in gaps:
+        covered = 0.0
+        for start, stop, name in ops:
+            if start >= gap_end:
+                break
+            overlap = min(stop, gap_end) - max(start, gap_start)
+            if overlap > 0:
+                name = name.replace("autograd::engine::evaluate_function: ", "backward: ").split("#")[0]
+                by_name[name] += overlap
+                covered += overlap
+        by_name["(Python between ops)"] += max(0.0, (gap_end - gap_start) - covered)
+    ranked = dict(sorted(by_name.items(), key=lambda item: -item[1]))
+    return {"(all)": sum(stop - start for start, stop in gaps), **ranked}
 
 
 # Kernels whose time goes to arithmetic (matrix products, attention): the T4 projection scales
@@ -529,7 +568,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
     if profile and (Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").is_file():
         prof = json.loads((Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").read_text())
         result.update(kernels_per_step=prof["kernels_per_step"], gpu_busy_ms_per_step=prof["gpu_busy_ms_per_step"],
-                      gpu_ms_by_kind=prof["gpu_ms_by_kind"], profile_tokens_per_step=prof["tokens_per_step"])
+                      gpu_ms_by_kind=prof["gpu_ms_by_kind"], profile_tokens_per_step=prof["tokens_per_step"],
+                      **{k: prof[k] for k in ("gpu_idle_ms_per_step", "gpu_idle_by_host_op") if k in prof})
     return result
 
 
@@ -1026,6 +1066,9 @@ def table(results: list[dict]) -> str:
                          f"at every {r['preview_every']}")
         if r.get("kernels_per_step"):
             notes.append(f"{r['kernels_per_step']:.0f} kernels/step, GPU busy {r['gpu_busy_ms_per_step']:.0f} ms")
+            if r.get("gpu_idle_by_host_op"):
+                notes.append(f"GPU idle {r['gpu_idle_ms_per_step']:.0f} ms (" + ", ".join(
+                    f"{name} {ms:.0f}" for name, ms in r["gpu_idle_by_host_op"][:4]) + ")")
         if r.get("t4_tok_s"):
             notes.append(f"{r['gpu_us_per_token']:.0f} us GPU a token -> T4 projection {r['t4_tok_s']:.0f} tok/s")
         if r.get("loss_match"):

@@ -154,6 +154,16 @@ def test_t4_projection_scales_products_by_flops_and_the_rest_by_bandwidth():
     assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == "other"
 
 
+def test_idle_gaps_are_charged_to_the_host_ops_they_overlap():
+    kernels = [(0, 100), (90, 200), (500, 600), (610, 700), (1000, 1100)]  # gaps 200-500 and 700-1000 (610: too short)
+    ops = [(150, 400, "Optimizer.step#AdamW.step"), (450, 520, "aten::mm"),
+           (650, 900, "enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__")]
+    idle = bench.idle_by_host_op(kernels, ops)
+    assert idle.pop("(all)") == 600
+    assert idle == {"enumerate(DataLoader)": 200, "Optimizer.step": 200, "(Python between ops)": 150, "aten::mm": 50}
+    assert list(idle)[-1] == "aten::mm"  # largest first
+
+
 def test_table_shows_failures_and_figures():
     rows = [{"name": "a", "kind": "sft", "ok": True, "tok_s": 1234.0, "tok_s_min": 1000.0, "tok_s_max": 1500.0,
              "step_s": 0.5, "tokens_per_step": 617, "peak_alloc_gib": 3.25, "peak_reserved_gib": 4.0, "batch": 8,
