@@ -228,6 +228,10 @@ JOBS["grpo"] = [
     dict(name="grpo mb32 no-ckpt", kind="grpo", steps=8, warmup=2,
          args=[*FAST_LAYERS, *MICRO32, "--gradient_checkpointing", "false"],
          why="32 x 1 without the recomputed forward, if memory allows"),
+    dict(name="t4 grpo mb32 fast", kind="grpo", steps=10, warmup=2, args=[*FAST_LAYERS, *MICRO32],
+         why="32 x 1 in T4 mode (--t4): does it fit 15 GiB, and is it finite in fp16"),
+    dict(name="t4 grpo mb16 fast", kind="grpo", steps=10, warmup=2, args=[*FAST_LAYERS, *MICRO16],
+         why="16 x 2 in T4 mode (--t4)"),
 ]
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
 
