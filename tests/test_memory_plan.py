@@ -144,7 +144,7 @@ DPO_TRAINING = {**DPO, "preview_steps": 0}
 
 def test_dpo_counts_two_sequences_a_pair_and_the_reference_pass():
     """A DPO micro-batch of n pairs holds 2n sequences; the reference forward (TRL's `ref`
-    adapter) adds to the peak, the precomputed reference does not; the `ref` copy of the
+    adapter) adds to the generic layers' peak, the precomputed reference does not; the `ref` copy of the
     adapter is counted either way."""
     assert mp.is_dpo(DPO) and not mp.is_dpo(SFT) and not mp.is_dpo(GRPO) and not mp.is_grpo(DPO)
     sft_like = {**SFT_TRAINING, "per_device_train_batch_size": 8, "max_length": 512,
@@ -153,7 +153,9 @@ def test_dpo_counts_two_sequences_a_pair_and_the_reference_pass():
     parts = mp.estimate(precomputed).parts
     assert parts["activations"] == pytest.approx(mp.estimate(sft_like).parts["activations"])
     assert parts["adapter+optimizer"] > mp.estimate(sft_like).parts["adapter+optimizer"]  # the `ref` copy
-    assert peak(DPO_TRAINING) > peak(precomputed) + 0.25
+    # The generic layers' reference pass adds to the peak; the fast layers' does not (measured).
+    assert peak(DPO_TRAINING, fast_training="false") > peak(precomputed, fast_training="false") + 0.25
+    assert peak(DPO_TRAINING, fast_training="true") == pytest.approx(peak(precomputed, fast_training="true"))
     for ckpt in (True, False):
         batches = [peak(DPO_TRAINING, per_device_train_batch_size=b, gradient_checkpointing=ckpt) for b in (1, 2, 4)]
         assert batches == sorted(batches) and batches[0] < batches[-1]
