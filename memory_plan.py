@@ -166,8 +166,6 @@ def weight_bytes(shape: dict, recipe: dict) -> tuple[float, float]:
     if recipe["load_in_4bit"]:
         absmax = 1 / 64 + 4 / (64 * 256) if recipe["use_bnb_nested_quant"] else 4 / 64
         weights = linear * (0.5 + absmax) + other * 2
-        if recipe["use_bnb_nested_quant"] and fast_layers(recipe):
-            weights += linear * 4 / 64  # the fast layers keep the fp32 block scales (phi2.block_scales)
     else:
         weights = (linear + other) * 2
     r = number(recipe, "lora_r")

@@ -134,116 +134,68 @@ class _FrozenLinearLoRA(torch.autograd.Function):
     into a 16-bit buffer at each use and never saved: the backward dequantises again. x is
     [N, in] in the compute dtype; A and B are the adapters' (fp32) parameters, used in the
     compute dtype, their gradients returned in their own dtype. Without noise on any term,
-    the A products of all terms are one product. The terms' A (and B, ranks allowing)
-    matrices are cast side by side, and their gradients come back the same way: a handful
-    of kernels for all terms, not a few each (on an H100 the host's time per kernel, not the
-    GPU, paces small micro-batches)."""
+    the A products of all terms are one product."""
 
     @staticmethod
     def forward(ctx, x, bias, modules, pieces, terms, *tensors):
         n = len(terms)
         a_params, b_params, noises = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         dtype = x.dtype
-        weight = phi2.base_weights(modules, dtype, x.device, keep_scales=True)
+        weight = phi2.base_weights(modules, dtype, x.device)
         y = torch.addmm(bias, x, weight.t())
         del weight
         outs = y.split(pieces, dim=1)
-        ranks, rows = [a.shape[0] for a in a_params], [b.shape[0] for b in b_params]
-        a_all = torch.cat(a_params).to(dtype) if n else None  # [sum of ranks, in]: a fresh tensor
-        b_all = _side_by_side(b_params, dtype)  # [sum of rows, rank], scale folded in below
-        a_mats = a_all.split(ranks) if n else ()
-        b_mats = b_all.split(rows) if b_all is not None else [b.to(dtype) * t.scale for b, t in zip(b_params, terms)]
-        if b_all is not None:
-            _scale_rows(b_mats, b_all, terms)
+        a_mats = [a.to(dtype) for a in a_params]
+        b_mats = [b.to(dtype) * t.scale for b, t in zip(b_params, terms)]  # scale folded into B: [out, r], small
         shared = n > 1 and not any(t.noisy for t in terms)
         if shared:  # one product for every A: they all read x
-            a_out_all = x @ a_all.t()
-            a_outs = a_out_all.split(ranks, dim=1)
+            a_outs = list((x @ torch.cat(a_mats).t()).split([a.shape[0] for a in a_mats], dim=1))
         else:
             noise = iter(noises)
-            a_out_all, a_outs = None, [(x * next(noise) if t.noisy else x) @ a.t() for t, a in zip(terms, a_mats)]
+            a_outs = [(x * next(noise) if t.noisy else x) @ a.t() for t, a in zip(terms, a_mats)]
         for term, a_out, b in zip(terms, a_outs, b_mats):
             outs[term.piece][:, term.start:term.stop].addmm_(a_out, b.t())
         ctx.modules, ctx.pieces, ctx.terms, ctx.shared = modules, pieces, terms, shared
-        ctx.ranks, ctx.rows, ctx.b_side_by_side = ranks, rows, b_all is not None
         ctx.param_dtypes = [p.dtype for p in tensors[:2 * n]]
-        ctx.save_for_backward(x, a_all, a_out_all, *b_mats, *(() if shared else a_outs), *noises)
+        ctx.save_for_backward(x, *a_mats, *b_mats, *a_outs, *noises)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        terms, n, shared = ctx.terms, len(ctx.terms), ctx.shared
-        x, a_all, a_out_all, *saved = ctx.saved_tensors
-        b_mats = saved[:n]
-        a_outs = a_out_all.split(ctx.ranks, dim=1) if shared else saved[n:2 * n]
-        noises = saved[n if shared else 2 * n:]
-        a_mats = a_all.split(ctx.ranks) if n else ()
+        terms, n = ctx.terms, len(ctx.terms)
+        x, *saved = ctx.saved_tensors
+        a_mats, b_mats, a_outs, noises = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
         grads = [g if g is not None else torch.zeros(len(x), p, dtype=x.dtype, device=x.device)
                  for g, p in zip(grads, ctx.pieces)]
         grad_x = None
         if ctx.needs_input_grad[0]:  # x's gradient through the base: one product a piece, summed
-            weight = phi2.base_weights(ctx.modules, x.dtype, x.device, keep_scales=True)
+            weight = phi2.base_weights(ctx.modules, x.dtype, x.device)
             rows = 0
             for grad, p in zip(grads, ctx.pieces):
                 w = weight[rows:rows + p]
                 grad_x = grad @ w if grad_x is None else grad_x.addmm_(grad, w)
                 rows += p
             del weight
-        if not n:
-            return (grad_x, None, None, None, None)
         grads_y = [grads[t.piece][:, t.start:t.stop] for t in terms]
-        if ctx.b_side_by_side:  # every B's gradient into one buffer, scaled and cast at once
-            grad_b_all = torch.empty(sum(ctx.rows), ctx.ranks[0], dtype=x.dtype, device=x.device)
-            grads_b = grad_b_all.split(ctx.rows)
-            for gy, a_out, out in zip(grads_y, a_outs, grads_b):
-                torch.mm(gy.t(), a_out, out=out)
-            _scale_rows(grads_b, grad_b_all, terms)
-            grads_b = _cast_views(grad_b_all, ctx.rows, ctx.param_dtypes[n:])
-        else:
-            grads_b = [(gy.t() @ a_out).mul_(t.scale).to(dt)
-                       for t, gy, a_out, dt in zip(terms, grads_y, a_outs, ctx.param_dtypes[n:])]
+        grads_b = [(gy.t() @ a_out).mul_(t.scale) for t, gy, a_out in zip(terms, grads_y, a_outs)]
         grads_a_out = [gy @ b for gy, b in zip(grads_y, b_mats)]
-        if shared:  # the A products were one: so are their gradients
+        if ctx.shared:  # the A products were one: so are their gradients
             grad_a_all = torch.cat(grads_a_out, dim=1)
-            grads_a = _cast_views(grad_a_all.t() @ x, ctx.ranks, ctx.param_dtypes[:n])
+            grads_a = list((grad_a_all.t() @ x).split([a.shape[0] for a in a_mats]))
             if grad_x is not None:
-                grad_x.addmm_(grad_a_all, a_all)
+                grad_x.addmm_(grad_a_all, torch.cat(a_mats))
         else:
             grads_a, noise = [], iter(noises)
-            for term, a, grad_a_out, dt in zip(terms, a_mats, grads_a_out, ctx.param_dtypes[:n]):
+            for term, a, grad_a_out in zip(terms, a_mats, grads_a_out):
                 mask = next(noise) if term.noisy else None
-                grads_a.append((grad_a_out.t() @ (x if mask is None else x * mask)).to(dt))
+                grads_a.append(grad_a_out.t() @ (x if mask is None else x * mask))
                 if grad_x is not None:
                     if mask is None:
                         grad_x.addmm_(grad_a_out, a)
                     else:
                         grad_x.addcmul_(grad_a_out @ a, mask)
-        return (grad_x, None, None, None, None, *grads_a, *grads_b, *([None] * len(noises)))
-
-
-def _side_by_side(params, dtype):
-    """LoRA B matrices [rows, rank] stacked and cast in one go (a fresh tensor), or None where
-    their ranks differ (PEFT's rank_pattern)."""
-    if not params or len({p.shape[1] for p in params}) > 1:
-        return None
-    return torch.cat(params).to(dtype)
-
-
-def _scale_rows(views, whole, terms):
-    """Each term's scale on its rows: once over the whole buffer when they share one."""
-    scales = {t.scale for t in terms}
-    if len(scales) == 1:
-        whole.mul_(scales.pop())
-    else:
-        for view, term in zip(views, terms):
-            view.mul_(term.scale)
-
-
-def _cast_views(whole, sizes, dtypes):
-    """`whole` cut into row blocks of `sizes`, each in its dtype: one cast when they share one."""
-    if len(set(dtypes)) == 1:
-        return list(whole.to(dtypes[0]).split(sizes))
-    return [view.to(dt) for view, dt in zip(whole.split(sizes), dtypes)]
+        grads = [g.to(dt) for g, dt in zip(grads_a + grads_b, ctx.param_dtypes)]
+        return (grad_x, None, None, None, None, *grads, *([None] * len(noises)))
 
 
 def _lora_terms(modules, pieces, dropout_noise):
@@ -274,15 +226,7 @@ def _lora_terms(modules, pieces, dropout_noise):
 
 
 def _bias(modules, dtype):
-    """The frozen biases of `modules` side by side in `dtype`, built once and kept on the first
-    module (rebuilt if a bias is written to, as loading a state dict does)."""
-    biases = [phi2.base_layer(m).bias for m in modules]
-    key = (len(modules), dtype, biases[0].device, tuple(b._version for b in biases))
-    kept = getattr(modules[0], "_fast_bias", None)
-    if kept is None or kept[0] != key:
-        kept = key, torch.cat([b.detach() for b in biases]).to(dtype)
-        modules[0]._fast_bias = kept
-    return kept[1]
+    return torch.cat([phi2.base_layer(m).bias.detach() for m in modules]).to(dtype)
 
 
 def frozen_linear_lora(x, modules, noises_for, pieces=None):

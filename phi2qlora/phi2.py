@@ -44,50 +44,30 @@ def is_4bit(module) -> bool:
     return getattr(base_layer(module).weight, "quant_state", None) is not None
 
 
-def block_scales(weight, state, keep: bool = False) -> torch.Tensor:
-    """A 4-bit weight's block scales (absmax) in fp32. Nested quantisation stores them in 8 bits
-    with their own scales, undone at each use: two more kernels and their Python a layer.
-    `keep` undoes it once and keeps the result on the weight (4 bytes a 64-value block: 0.15
-    GiB for Phi-2), for the training layers, which dequantise every layer twice a micro-step;
-    a kept copy serves every later call."""
-    kept = getattr(weight, "_fp32_block_scales", None)
-    if kept is not None and kept.device == weight.device:
-        return kept
-    if not state.nested:
-        return state.absmax
-    import bitsandbytes.functional as bnbf
-
-    scales = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-    if keep:
-        weight._fp32_block_scales = scales
-    return scales
-
-
-def base_weight_into(module, out: torch.Tensor, keep_scales: bool = False) -> torch.Tensor:
+def base_weight_into(module, out: torch.Tensor) -> torch.Tensor:
     """Write a linear layer's frozen weight [out_features, in_features] into `out`: the
-    bitsandbytes 4-bit weight dequantised (its own kernel), else the weight itself. No LoRA:
-    the callers add it their own way. `keep_scales`: see `block_scales`."""
+    bitsandbytes 4-bit weight dequantised (its own kernel, nested scales included), else
+    the weight itself. No LoRA: the callers add it their own way."""
     weight = base_layer(module).weight
     state = getattr(weight, "quant_state", None)
     if state is None:
         return out.copy_(weight.detach())
-    dequantize = torch.ops.bitsandbytes.dequantize_4bit
-    args = (weight.data, block_scales(weight, state, keep_scales), state.blocksize, state.quant_type, state.shape,
-            state.dtype)
+    import bitsandbytes.functional as bnbf
+
     if out.is_cuda and out.dtype == state.dtype and out.is_contiguous():  # bitsandbytes 0.50: no `out` on the CPU
-        dequantize.out(*args, out=out)
+        bnbf.dequantize_4bit(weight.data, state, out=out)
     else:
-        out.copy_(dequantize.default(*args).view(out.shape))
+        out.copy_(bnbf.dequantize_4bit(weight.data, state))
     return out
 
 
-def base_weights(modules, dtype, device, keep_scales: bool = False) -> torch.Tensor:
+def base_weights(modules, dtype, device) -> torch.Tensor:
     """The frozen weights of `modules` side by side (stacked rows), one fresh matrix."""
     rows = [base_layer(m).out_features for m in modules]
     out = torch.empty(sum(rows), base_layer(modules[0]).in_features, dtype=dtype, device=device)
     start = 0
     for module, n in zip(modules, rows):
-        base_weight_into(module, out[start:start + n], keep_scales)
+        base_weight_into(module, out[start:start + n])
         start += n
     return out
 
