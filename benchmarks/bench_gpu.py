@@ -405,7 +405,9 @@ def idle_by_host_op(kernels: list[tuple[float, float]], host_ops: list[tuple[flo
     """Where the host set the pace: the GPU's idle gaps between kernels (at least `min_gap_us`),
     each charged to the outermost host ops it overlapped, by their overlap (the rest to
     Python between ops). Microseconds by op name, largest first, the total under "(all)"."""
+    from bisect import bisect_left
     from collections import defaultdict
+    from itertools import accumulate
 
     gaps, end = [], None
     for start, stop in sorted(kernels):
@@ -414,11 +416,14 @@ def idle_by_host_op(kernels: list[tuple[float, float]], host_ops: list[tuple[flo
         end = stop if end is None else max(end, stop)
     by_name = defaultdict(float)
     ops = sorted(host_ops)
+    starts = [op[0] for op in ops]
+    reach = list(accumulate((op[1] for op in ops), max))  # the latest end of any op up to here
     for gap_start, gap_end in gaps:
         covered = 0.0
-        for start, stop, name in ops:
-            if start >= gap_end:
-                break
+        i = bisect_left(starts, gap_end) - 1  # ops that begin before the gap ends, latest first,
+        while i >= 0 and reach[i] > gap_start:  # until none up to here reaches into the gap
+            start, stop, name = ops[i]
+            i -= 1
             overlap = min(stop, gap_end) - max(start, gap_start)
             if overlap > 0:
                 name = name.replace("autograd::engine::evaluate_function: ", "backward: ").split("#")[0]
