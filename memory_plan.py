@@ -265,8 +265,9 @@ def reference_adapter_bytes(adapter: float, shape: dict) -> float:
 def dpo_activation_bytes(recipe: dict, shape: dict, micro: int, length: int, checkpointing: bool) -> float:
     """A DPO micro-batch of `micro` pairs: the chosen and the rejected sequence of each in one
     forward. Without precompute_ref_log_probs the generic layers' reference forward runs (no
-    grad) while the policy's graph is held for the backward: one layer's activations without checkpointing
-    at a time, and the `ref` adapter's lm_head rows merged into a 16-bit copy of lm_head.
+    grad) while the policy's graph is held for the backward: one layer's activations without
+    checkpointing at a time, and the `ref` adapter's lm_head rows merged into a 16-bit copy of
+    lm_head.
     Checked against the DPO peaks measured on an H100 with trl 1.16 (2026-12-06, bf16, 4 pairs
     a step of ~270 tokens a sequence, checkpointing: 4.1-4.3 GiB)."""
     tokens = 2 * micro * length

@@ -732,10 +732,10 @@ def run_rollout(job: dict, ctx: dict) -> dict:
 class PhaseClock:
     """Seconds of each timed GRPO step spent in its phases, GPU synchronised at each edge
     (which costs a little: jobs that ask for phases are timed beside ones that don't):
-    rollouts (`_generate`: sampling, and decoding the completions), log-probs without gradient (the `ref` pass),
-    the policy's forward with gradient and its backward (`Accelerator.backward`, the
-    recompute of checkpointing included). The rest of a step is the optimizer, the rewards,
-    TRL's bookkeeping and the host."""
+    rollouts (`_generate`: sampling, and decoding the completions), log-probs without
+    gradient (the `ref` pass), the policy's forward with gradient and its backward
+    (`Accelerator.backward`, the recompute of checkpointing included). The rest of a step is
+    the optimizer, the rewards, TRL's bookkeeping and the host."""
 
     def __init__(self, warmup: int):
         from collections import defaultdict
@@ -803,7 +803,8 @@ def run_grpo(job: dict, ctx: dict) -> dict:
             *job.get("args", []), *ctx.get("grpo_overrides", [])]
     start = time.perf_counter()
     try:
-        trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=[timer, *([clock.callback()] if clock else [])])
+        callbacks = [timer, clock.callback()] if clock else [timer]
+        trainer = grpo_train.main(*grpo_train.parse_args(argv), callbacks=callbacks)
     finally:
         if clock:
             clock.remove()

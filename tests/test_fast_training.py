@@ -127,7 +127,8 @@ def test_logits_loss_and_every_gradient_equal_the_generic_path(tiny_model_dir, t
         assert abs(other[1].item() - fast[1].item()) > 1e-4
 
 
-@pytest.mark.parametrize("lora", [{"alpha_pattern": {"fc1": 4}}, {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 4}}],
+@pytest.mark.parametrize("lora", [{"alpha_pattern": {"fc1": 4}},
+                                  {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 4}}],
                          ids=["scales-differ", "ranks-differ"])
 def test_adapters_of_mixed_ranks_and_scales_equal_the_generic_path(tiny_model_dir, tokenizer, fast_calls, lora):
     """PEFT's rank_pattern and alpha_pattern: each term's own rank and scale."""
