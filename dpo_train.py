@@ -28,7 +28,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 from phi2qlora.args import DPOScriptArguments, parse_recipe
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.fast_training import use_fast_training
-from phi2qlora.files import check_limit, file_sha256, jsonl_lines, read_prompt_rows
+from phi2qlora.files import check_limit, jsonl_lines, read_prompt_rows
 from phi2qlora.model import (
     check_adapter_fits,
     load_adapter,
@@ -40,7 +40,14 @@ from phi2qlora.model import (
     trainable_weights,
 )
 from phi2qlora.pairs import read_pair_rows, tokenize_pair
-from phi2qlora.training import claim_output_dir, input_paths, plot_history, save_trained_adapter, train_guarded
+from phi2qlora.training import (
+    claim_output_dir,
+    input_paths,
+    plot_history,
+    run_identity,
+    save_trained_adapter,
+    train_guarded,
+)
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "dpo_phi2_t4.yaml"
@@ -137,11 +144,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
                 if script_args.preview_prompts_file else None)
     if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.eval_on_start):
         training_args = dataclasses.replace(training_args, eval_strategy="no", eval_on_start=False)
-    run = {"script": "dpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
-           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
-           "sft_adapter": str(Path(script_args.sft_adapter).resolve()),
-           # the adapter's content too: a retrained SFT run in the same folder is another start
-           "sft_adapter_sha256": file_sha256(Path(script_args.sft_adapter) / "adapter_model.safetensors")}
+    run = run_identity("dpo_train.py", model_args, dtype, script_args.sft_adapter)
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume,
                                    training_args.resume_from_checkpoint, input_paths(script_args, model_args))
     print(f"[dpo] {len(train_dataset)} train / {len(eval_dataset) if eval_dataset else 0} eval pairs; "

@@ -28,7 +28,7 @@ from phi2qlora.args import GRPOScriptArguments, parse_recipe
 from phi2qlora.chat import format_prompt
 from phi2qlora.errors import InputError, exit_on_input_error
 from phi2qlora.fast_training import use_fast_training
-from phi2qlora.files import check_limit, file_sha256, read_prompt_rows
+from phi2qlora.files import check_limit, read_prompt_rows
 from phi2qlora.model import (
     check_adapter_fits,
     load_adapter,
@@ -40,7 +40,14 @@ from phi2qlora.model import (
     trainable_weights,
 )
 from phi2qlora.rewards import REWARD_FUNCS, make_reward_funcs, reward_weights, word_limit_compliance, word_limit_reward
-from phi2qlora.training import claim_output_dir, input_paths, plot_history, save_trained_adapter, train_guarded
+from phi2qlora.training import (
+    claim_output_dir,
+    input_paths,
+    plot_history,
+    run_identity,
+    save_trained_adapter,
+    train_guarded,
+)
 from phi2qlora.word_limits import count_words
 from preview_callback import PreviewCallback
 
@@ -131,11 +138,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
 
     check_adapter_fits(script_args.sft_adapter, model_args.model_name_or_path, "--sft_adapter", "--model_name_or_path",
                        model_args.model_revision, "run sft_qlora.py first (see README), or give its output directory")
-    run = {"script": "grpo_train.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
-           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
-           "sft_adapter": str(Path(script_args.sft_adapter).resolve()),
-           # the adapter's content too: a retrained SFT run in the same folder is another start
-           "sft_adapter_sha256": file_sha256(Path(script_args.sft_adapter) / "adapter_model.safetensors")}
+    run = run_identity("grpo_train.py", model_args, dtype, script_args.sft_adapter)
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume,
                                    training_args.resume_from_checkpoint, input_paths(script_args, model_args))
     tokenizer = load_chat_tokenizer(script_args.sft_adapter)  # saved by SFT, chat tokens included

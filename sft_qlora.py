@@ -38,7 +38,7 @@ from phi2qlora.model import (
     pick_dtype,
     upcast_trainable_params,
 )
-from phi2qlora.training import claim_output_dir, input_paths, plot_history, train_guarded
+from phi2qlora.training import claim_output_dir, input_paths, plot_history, run_identity, train_guarded
 from preview_callback import PreviewCallback
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "sft_phi2_t4.yaml"
@@ -117,9 +117,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         training_args = dataclasses.replace(training_args, eval_strategy="no", eval_on_start=False)
     # What a resume must not change. The dtype too: NF4 quantised from bf16 weights is not
     # the NF4 base of an fp16 (T4) run, so the adapter would continue on another model.
-    run = {"script": "sft_qlora.py", "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
-           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch."),
-           "lora_r": model_args.lora_r, "lora_target_modules": model_args.lora_target_modules}
+    run = run_identity("sft_qlora.py", model_args, dtype, lora_r=model_args.lora_r,
+                       lora_target_modules=model_args.lora_target_modules)
     resume_from = claim_output_dir(training_args.output_dir, run, script_args.resume,
                                    training_args.resume_from_checkpoint, input_paths(script_args, model_args))
     tokenizer = load_chat_tokenizer(model_args.model_name_or_path, model_args.model_revision)

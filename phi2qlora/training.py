@@ -20,6 +20,7 @@ from phi2qlora.files import (
     check_output_apart,
     check_safetensors,
     check_writable,
+    file_sha256,
     is_adapter_folder,
     read_json_file,
     write_atomic,
@@ -93,6 +94,18 @@ def claim_output_dir(output_dir: str | os.PathLike, run: dict, resume: bool,
     if _is_main_process():
         write_atomic(root / RUN_FILE, json.dumps(run, indent=1) + "\n")
     return resume_from
+
+
+def run_identity(script: str, model_args, dtype, sft_adapter: str | None = None, **extra) -> dict:
+    """What names a run for `claim_output_dir`: the script, the base model as loaded, and for
+    the stages that continue an SFT adapter, that adapter's folder and content (a retrained
+    SFT run in the same folder is another start); `extra`: the script's own fields."""
+    run = {"script": script, "model": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+           "double_quant": model_args.use_bnb_nested_quant, "dtype": str(dtype).removeprefix("torch.")}
+    if sft_adapter is not None:
+        run.update(sft_adapter=str(Path(sft_adapter).resolve()),
+                   sft_adapter_sha256=file_sha256(Path(sft_adapter) / "adapter_model.safetensors"))
+    return {**run, **extra}
 
 
 def input_paths(*arguments) -> dict:
