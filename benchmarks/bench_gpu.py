@@ -309,9 +309,12 @@ def sync():
         torch.cuda.synchronize()
 
 
-def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, profile_out: Path | None = None):
+def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, profile_out: Path | None = None,
+               count_tokens: bool = True):
     """A TrainerCallback timing each optimizer step end to end (GPU synchronised), with the
-    tokens the Trainer counted in it. After the measured steps it can profile a few more."""
+    tokens the Trainer counted in it. After the measured steps it can profile a few more.
+    GRPO's batches hold no `input_ids` (the Trainer would warn at each micro-step): there
+    `count_tokens=False` and the timer keeps times alone."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -321,7 +324,8 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
         def on_train_begin(self, args, state, control, **kwargs):
             # Real tokens, counted by the Trainer and summed over processes. (The flag can't be
             # given on the command line: its parser reads it as a bool, i.e. "all".)
-            args.include_num_input_tokens_seen = "non_padding"
+            if count_tokens:
+                args.include_num_input_tokens_seen = "non_padding"
             sync()
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
@@ -792,7 +796,7 @@ class PhaseClock:
 def run_grpo(job: dict, ctx: dict) -> dict:
     import grpo_train
 
-    timer = step_timer(job["warmup"], None)
+    timer = step_timer(job["warmup"], None, count_tokens=False)
     clock = PhaseClock(job["warmup"]) if job.get("phases") else None
     if clock:
         clock.install()
