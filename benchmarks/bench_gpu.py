@@ -58,10 +58,13 @@ SAMPLE = ROOT / "data" / "sample" / "oasst1_sample.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 T4_GIB = 15.0
 
-# The seed recipe's values, spelled out, so these jobs mean the same whatever the recipe file says now.
+# The seed recipe's values, spelled out, so these jobs mean the same whatever the recipe file says now:
+# the generic layers too, since `--fast_training auto` picks the fast ones on a GPU (jobs on the
+# fast layers add FAST_LAYERS after these; the last value given wins).
+GENERIC_LAYERS = ["--fast_training", "false"]
 SEED = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "true",
         "--lora_dropout", "0.05", "--packing", "false", "--optim", "adamw_torch", "--load_in_4bit", "true",
-        "--train_sampling_strategy", "random"]
+        "--train_sampling_strategy", "random", *GENERIC_LAYERS]
 FAST = [*SEED, "--lora_dropout", "0.0", "--packing", "true", "--optim", "adamw_torch_fused"]
 # Run 2: batches of similar lengths instead of TRL's packing (which, with sdpa, flattens the
 # whole micro-batch into one row and pays attention over all of it).
@@ -126,7 +129,8 @@ JOBS = {
                 why="16-bit base within a T4's memory"),
         dict(name="rollout", kind="rollout", batch=32, new_tokens=128, repeats=2,
              why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
-        dict(name="grpo-step", kind="grpo", steps=3, warmup=1, why="one GRPO step, T4 recipe through grpo_train.main"),
+        dict(name="grpo-step", kind="grpo", steps=3, warmup=1, args=GENERIC_LAYERS,
+             why="one GRPO step, T4 recipe through grpo_train.main"),
     ],
     # Rollouts: plain generate against rollouts.py (merged weights, CUDA-graph decoder).
     "rollouts": [
@@ -134,9 +138,10 @@ JOBS = {
              why="plain generate, 4-bit + LoRA, batch 32 x 128 new tokens"),
         dict(name="rollout fast", kind="rollout", fast=True, batch=32, new_tokens=128, repeats=5,
              why="rollouts.generate: the current weights merged to 16-bit, one CUDA graph a token"),
-        dict(name="grpo-step plain", kind="grpo", steps=3, warmup=1, args=["--fast_rollouts", "false"],
+        dict(name="grpo-step plain", kind="grpo", steps=3, warmup=1, args=["--fast_rollouts", "false", *GENERIC_LAYERS],
              why="the T4 recipe with TRL's generate"),
-        dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, why="the T4 recipe with fast rollouts"),
+        dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, args=GENERIC_LAYERS,
+             why="the T4 recipe with fast rollouts"),
     ],
     # Run 3, memory free: the recipe as it stands, and cuDNN's attention switched off (run 2's
     # profile: ~2 ms of host time per cuDNN attention call, and a new plan for each new length).
@@ -153,7 +158,7 @@ JOBS = {
     "t4": [
         sft_job("t4 sft recipe", [], preview=True, steps=30, warmup=5, recipe_as_is=True,
                 why="recipes/sft_phi2_t4.yaml as it stands, fp16, 15 GiB cap"),
-        sft_job("t4 sft 8x2 patched", PATCHED[-6:], preview=True, steps=30, warmup=5,
+        sft_job("t4 sft 8x2 patched", [*PATCHED[-6:], *GENERIC_LAYERS], preview=True, steps=30, warmup=5,
                 recipe_as_is=True, gelu="tanh",
                 why="the recipe at 8 x 2 without checkpointing, gelu patch applied (run 3 ran this as 't4 sft recipe')"),
         dict(name="t4 grpo recipe", kind="grpo", steps=30, warmup=1, why="recipes/grpo_phi2_t4.yaml, fp16, 15 GiB cap"),
@@ -184,7 +189,8 @@ JOBS["fast"] = [
             why="memory free: no recompute, a third fewer FLOPs"),
     sft_job("bf16 g64 fast no-ckpt", grouped(64, False, "--load_in_4bit", "false", *FAST_LAYERS), gelu="tanh",
             why="memory free, 16-bit base: no dequantisation"),
-    dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, why="the T4 recipe with fast rollouts, generic layers"),
+    dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, args=GENERIC_LAYERS,
+         why="the T4 recipe with fast rollouts, generic layers"),
     dict(name="grpo-step fast layers", kind="grpo", steps=6, warmup=1, args=FAST_LAYERS,
          why="the same with the fast layers: the policy's forward and backward ~2x faster"),
     sft_job("match generic", grouped(16, True, *MATCH), gelu="tanh", steps=20, warmup=0, no_dropout=True,
@@ -211,27 +217,25 @@ JOBS["t4 fast"] = [
             no_dropout=True, compare_to="t4 match generic", why="the same steps on the fast layers, fp16"),
 ]
 # GRPO's step in bf16 on the fast layers, where its time goes, and the micro-batch: 8
-# completions a forward (the T4 recipe) leave an H100 waiting on the host.
+# completions a forward (the T4 recipe until 2026-12-06) left an H100 waiting on the host; the
+# recipe now takes all 32 in one forward and backward.
+MICRO8 = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "4"]
 MICRO16 = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2"]
-MICRO32 = ["--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1"]
 JOBS["grpo"] = [
     dict(name="grpo fast layers", kind="grpo", steps=8, warmup=2, args=FAST_LAYERS,
-         why="the T4 recipe (8 x 4 completions, ckpt) on the fast layers and fast rollouts, bf16"),
+         why="the T4 recipe (32 x 1 completions, ckpt) on the fast layers and fast rollouts, bf16"),
     dict(name="grpo phases", kind="grpo", steps=4, warmup=2, args=FAST_LAYERS, phases=True,
          why="the same, its time by phase"),
+    dict(name="grpo mb8", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, *MICRO8],
+         why="8 x 4 completions (the recipe until 2026-12-06): four forward/backward calls a step"),
+    dict(name="grpo mb8 phases", kind="grpo", steps=4, warmup=2, args=[*FAST_LAYERS, *MICRO8], phases=True,
+         why="8 x 4, its time by phase"),
     dict(name="grpo mb16", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, *MICRO16],
-         why="16 x 2 completions: half the forward/backward calls, same 32 a step"),
-    dict(name="grpo mb32", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, *MICRO32],
-         why="32 x 1: one forward and backward a step"),
-    dict(name="grpo mb32 phases", kind="grpo", steps=4, warmup=2, args=[*FAST_LAYERS, *MICRO32], phases=True,
-         why="32 x 1, its time by phase"),
-    dict(name="grpo mb32 no-ckpt", kind="grpo", steps=8, warmup=2,
-         args=[*FAST_LAYERS, *MICRO32, "--gradient_checkpointing", "false"],
+         why="16 x 2 completions: two forward/backward calls"),
+    dict(name="grpo no-ckpt", kind="grpo", steps=8, warmup=2, args=[*FAST_LAYERS, "--gradient_checkpointing", "false"],
          why="32 x 1 without the recomputed forward, if memory allows"),
-    dict(name="t4 grpo mb32 fast", kind="grpo", steps=10, warmup=2, args=[*FAST_LAYERS, *MICRO32],
-         why="32 x 1 in T4 mode (--t4): does it fit 15 GiB, and is it finite in fp16"),
-    dict(name="t4 grpo mb16 fast", kind="grpo", steps=10, warmup=2, args=[*FAST_LAYERS, *MICRO16],
-         why="16 x 2 in T4 mode (--t4)"),
+    dict(name="t4 grpo mb8 fast", kind="grpo", steps=10, warmup=2, args=[*FAST_LAYERS, *MICRO8],
+         why="8 x 4 in T4 mode (--t4), against the recipe's 32 x 1"),
 ]
 ALL_JOBS = {j["name"]: j for group in JOBS.values() for j in group}
 
@@ -521,6 +525,14 @@ def summarize(times: list[float], tokens: list[int] | None = None) -> dict:
     return out
 
 
+def layers_name(model) -> str:
+    """Which decoder layers trained: the table says it, so a job can't measure the other path
+    unnoticed (`--fast_training auto` picks the fast layers on a GPU)."""
+    from phi2qlora.fast_training import is_installed
+
+    return "fast" if is_installed(model) else "generic"
+
+
 def memory() -> dict:
     import torch
 
@@ -575,7 +587,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
     result = {**summarize(timer.times, timer.tokens), **memory(), **finite_logs(trainer.state.log_history),
               "wall_s": time.perf_counter() - start, "activation": activation_name(trainer.model),
               "batch": trainer.args.per_device_train_batch_size, "grad_ckpt": trainer.args.gradient_checkpointing,
-              "packing": bool(getattr(trainer.args, "packing", False)), "processes": trainer.args.world_size}
+              "packing": bool(getattr(trainer.args, "packing", False)), "processes": trainer.args.world_size,
+              "layers": layers_name(trainer.model)}
     if job.get("preview"):
         result.update(preview_share(trainer, out_dir, result.get("step_s"), ctx["sft_recipe"]))
     if profile and (Path(ctx["out"]) / f"profile_{slug(job['name'])}.json").is_file():
@@ -815,6 +828,7 @@ def run_grpo(job: dict, ctx: dict) -> dict:
     phases = clock.per_step(len(timer.times)) if clock else {}
     return {**summarize(timer.times), **phases, **memory(), **finite_logs(trainer.state.log_history),
             "wall_s": time.perf_counter() - start, "steps": trainer.state.global_step,
+            "layers": layers_name(trainer.model),
             "completions_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps}
 
 
@@ -934,7 +948,7 @@ def run_dpo(job: dict, ctx: dict) -> dict:
             "wall_s": time.perf_counter() - start, "setup_s": started["s"] - start,
             "steps": trainer.state.global_step, "pairs_per_step": pairs // steps,
             "reference": "precomputed" if training_args.precompute_ref_log_probs else "ref adapter",
-            "max_length": training_args.max_length}
+            "max_length": training_args.max_length, "layers": layers_name(trainer.model)}
 
 
 def dpo_note(r: dict) -> str:
@@ -1071,6 +1085,8 @@ def table(results: list[dict]) -> str:
             continue
         spread = f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}" if "tok_s_min" in r else ""
         notes = []
+        if r.get("layers"):
+            notes.append(f"{r['layers']} layers")
         if r["kind"] == "sft":
             notes.append(f"b{r['batch']}{' ckpt' if r['grad_ckpt'] else ''}{' pack' if r['packing'] else ''} "
                          f"{r['activation']}" + ("" if r.get("finite", True) else " NaN!"))

@@ -134,6 +134,8 @@ def test_loss_match_jobs_compare_the_two_paths(ctx):
     jobs = [dict(bench.ALL_JOBS[name], steps=3) for name in ("match generic", "match fast")]
     results = [bench.run_job_here(job, ctx) for job in jobs]
     assert all(r["ok"] and len(r["losses"]) == 3 for r in results), results
+    assert [r["layers"] for r in results] == ["generic", "fast"]
+    assert "generic layers" in bench.table(results[:1]) and "fast layers" in bench.table(results[1:])
     bench.compare_losses(results, jobs)
     match = results[1]["loss_match"]
     assert match["vs"] == "match generic" and match["steps"] == 3 and match["max_rel"] < 1e-5, match
@@ -172,6 +174,28 @@ def test_table_shows_failures_and_figures():
     text = bench.table(rows)
     assert "1234" in text and "1000-1500" in text and "3.25" in text and "NaN!" in text
     assert "FAILED: OutOfMemoryError: boom" in text
+
+
+def last_value(args: list[str], flag: str) -> str | None:
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+    return values[-1] if values else None
+
+
+def test_jobs_say_which_layers_train():
+    """`--fast_training auto` picks the fast layers on a GPU, so a job measuring the generic
+    path must ask for it, or the GPU runs the fast layers under the generic job's name (it
+    did once). Jobs built on the seed's values get the generic layers unless they add the
+    fast ones after them."""
+    for job in bench.ALL_JOBS.values():
+        if job["kind"] not in ("sft", "grpo", "dpo") or job.get("plain"):
+            continue
+        asked = last_value(job.get("args", []), "--fast_training")
+        if "generic" in job["name"] or job["name"] in ("grpo-step", "grpo-step plain", "grpo-step fast"):
+            assert asked == "false", job["name"]
+        elif "fast" in job["name"] and "grpo-step" not in job["name"] and "rollout" not in job["name"]:
+            assert asked in ("true", "compile"), job["name"]
+        elif not job.get("recipe_as_is") and job["kind"] == "sft":
+            assert asked is not None, job["name"]  # a historical job: its path spelled out
 
 
 def test_unknown_job_is_refused():
