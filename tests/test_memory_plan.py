@@ -53,7 +53,8 @@ def test_fast_sampling_costs_a_16_bit_copy_while_it_runs():
     # With checkpointing a micro-batch's activations are smaller than the previews' copy.
     ckpt = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "gradient_checkpointing": True}
     copy = peak(SFT, **ckpt) - peak(SFT_TRAINING, **ckpt)
-    assert 5 < peak(GRPO) - peak(GRPO, fast_rollouts=False) and 3 < copy < 6.5
+    small = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}  # sampling, not training, peaks
+    assert 5 < peak(GRPO, **small) - peak(GRPO, fast_rollouts=False, **small) and 3 < copy < 6.5
     assert peak(SFT, preview_steps=0) == peak(SFT_TRAINING)
     # The T4 recipe without checkpointing: training's own activations are the larger moment.
     assert peak(SFT) == peak(SFT_TRAINING)
@@ -129,7 +130,7 @@ def test_bad_files_and_flags(tmp_path, capsys):
 
 
 def test_estimates_within_15_percent_of_every_measured_peak():
-    """Every peak that benchmarks/bench_gpu.py measured (H100, Phi-2 shape), against the
+    """Every peak that benchmarks/bench_gpu.py measured (H100 or H200, Phi-2 shape), against the
     estimate for the same settings: within 15%."""
     records = json.loads((ROOT / "benchmarks" / "measured_peaks.json").read_text())["peaks"]
     assert len(records) >= 10
