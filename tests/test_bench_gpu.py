@@ -184,18 +184,13 @@ def last_value(args: list[str], flag: str) -> str | None:
 def test_jobs_say_which_layers_train():
     """`--fast_training auto` picks the fast layers on a GPU, so a job measuring the generic
     path must ask for it, or the GPU runs the fast layers under the generic job's name (it
-    did once). Jobs built on the seed's values get the generic layers unless they add the
-    fast ones after them."""
+    did once). SFT jobs built on the seed's values spell their layers out."""
     for job in bench.ALL_JOBS.values():
-        if job["kind"] not in ("sft", "grpo", "dpo") or job.get("plain"):
-            continue
         asked = last_value(job.get("args", []), "--fast_training")
-        if "generic" in job["name"] or job["name"] in ("grpo-step", "grpo-step plain", "grpo-step fast"):
+        if "generic" in job["name"]:
             assert asked == "false", job["name"]
-        elif "fast" in job["name"] and "grpo-step" not in job["name"] and "rollout" not in job["name"]:
-            assert asked in ("true", "compile"), job["name"]
-        elif not job.get("recipe_as_is") and job["kind"] == "sft":
-            assert asked is not None, job["name"]  # a historical job: its path spelled out
+        if job["kind"] == "sft" and not job.get("plain") and not job.get("recipe_as_is"):
+            assert asked is not None, job["name"]
 
 
 def test_unknown_job_is_refused():
