@@ -127,8 +127,8 @@ class _LoRATerm:
 class _FrozenLinearLoRA(torch.autograd.Function):
     """y = x W^T + b + sum over LoRA terms of scale * (x * noise) A^T B^T on their rows of y,
     returned in `pieces` (column counts: q|k, v and fc1 are read by different ops, and each
-    gets its own gradient back, so none is a slice whose gradient autograd would pad with
-    zeros and add up).
+    is its own contiguous tensor with its own gradient back, not a slice whose gradient
+    autograd would pad with zeros and add up).
 
     W is the frozen base of one or more projections side by side (`modules`), dequantised
     into a 16-bit buffer at each use and never saved: the backward dequantises again. x is
@@ -142,9 +142,14 @@ class _FrozenLinearLoRA(torch.autograd.Function):
         a_params, b_params, noises = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         dtype = x.dtype
         weight = phi2.base_weights(modules, dtype, x.device)
-        y = torch.addmm(bias, x, weight.t())
+        # One product a piece, each into its own contiguous tensor: a column slice of one wide
+        # output would make every elementwise kernel reading it (fc1's gelu, forward and
+        # backward) take torch's strided, unvectorised path, ~3x slower (H200 profile, PERFORMANCE.md).
+        outs, rows = [], 0
+        for p in pieces:
+            outs.append(torch.addmm(bias[rows:rows + p], x, weight[rows:rows + p].t()))
+            rows += p
         del weight
-        outs = y.split(pieces, dim=1)
         a_mats = [a.to(dtype) for a in a_params]
         b_mats = [b.to(dtype) * t.scale for b, t in zip(b_params, terms)]  # scale folded into B: [out, r], small
         shared = n > 1 and not any(t.noisy for t in terms)
@@ -158,7 +163,7 @@ class _FrozenLinearLoRA(torch.autograd.Function):
         ctx.modules, ctx.pieces, ctx.terms, ctx.shared = modules, pieces, terms, shared
         ctx.param_dtypes = [p.dtype for p in tensors[:2 * n]]
         ctx.save_for_backward(x, *a_mats, *b_mats, *a_outs, *noises)
-        return outs
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
