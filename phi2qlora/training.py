@@ -201,6 +201,10 @@ def train_guarded(trainer, resume_from: str | None, memory_knobs: dict) -> None:
         raise InputError(f"--resume_from_checkpoint {asked}: this script does not resume from a given checkpoint; "
                          "leave it out (rerunning the command resumes from the latest complete checkpoint)")
     pickle_free(trainer)  # no pickles in the checkpoints or the output folder
+    # The guard stops on a non-finite loss; the Trainer's filter would log the mean of the
+    # earlier losses in its place, and reads each micro-step's loss on the host to do so
+    # (a GPU sync a micro-step, the GPU idle while the host prepares the optimizer step).
+    trainer.args.logging_nan_inf_filter = False
     guard = TrainingGuard()
     trainer.add_callback(guard)
     try:
@@ -227,6 +231,7 @@ class TrainingGuard(TrainerCallback):
     def __init__(self):
         self.signal = None
         self._previous = {}
+        self._unread_check = None  # (step, flag, event): a GPU weight check not read yet
 
     # -- signals ----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -248,11 +253,14 @@ class TrainingGuard(TrainerCallback):
         self._previous = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._check_weights(model, args, state)
-        if self._any_process_signalled():
+        if self._any_process_signalled():  # first: a step that will save reads its weight check at once
             control.should_save = True
             control.should_training_stop = True
+        self._check_weights(model, args, state, control)
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._read_weight_check(args, state)
 
     def _any_process_signalled(self) -> bool:
         """Every process must stop at the same step, or the others wait forever at the
@@ -271,14 +279,39 @@ class TrainingGuard(TrainerCallback):
         return stop
 
     # -- numerical faults -------------------------------------------------------------
-    def _check_weights(self, model, args, state):
+    def _check_weights(self, model, args, state, control):
+        """Every trainable weight finite after this optimizer step. On a GPU the answer is read
+        at the next step's end: reading it now would make the host wait for the GPU at every
+        step, leaving the GPU idle while the host prepares the next one (the data, the
+        Trainer's step-end work). A step that
+        saves, evaluates, logs or ends reads its own at once, so nothing non-finite is saved."""
         import torch
 
-        if model is None:
+        self._read_weight_check(args, state)
+        trainable = [p.detach() for p in model.parameters() if p.requires_grad] if model is not None else []
+        if not trainable:
             return
-        trainable = [p.detach() for p in model.parameters() if p.requires_grad]
-        if trainable and not torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all():
-            self._fault(args, state, "a trainable weight became NaN or inf in the last optimizer step")
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all()
+        if finite.is_cuda and not (control.should_save or control.should_evaluate or control.should_log
+                                   or control.should_training_stop):
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._unread_check = (state.global_step, flag, event)
+        else:
+            self._unread_check = (state.global_step, finite, None)
+            self._read_weight_check(args, state)
+
+    def _read_weight_check(self, args, state):
+        if self._unread_check is None:
+            return
+        step, flag, event = self._unread_check
+        self._unread_check = None
+        if event is not None:
+            event.synchronize()
+        if not bool(flag):
+            self._fault(args, state, "a trainable weight became NaN or inf in the last optimizer step", step=step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):
@@ -288,10 +321,10 @@ class TrainingGuard(TrainerCallback):
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 self._fault(args, state, f"the logged {key} is {value}")
 
-    def _fault(self, args, state, what: str):
+    def _fault(self, args, state, what: str, step: int | None = None):
         last = latest_complete_checkpoint(args.output_dir)
         raise RunFault(
-            f"step {state.global_step}: {what}. Likely causes: fp16 overflow (on a T4: Phi-2's activations can "
+            f"step {state.global_step if step is None else step}: {what}. Likely causes: fp16 overflow (on a T4: Phi-2's activations can "
             "exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa attention) or a learning "
             f"rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
             f"{last or 'none'}: lower learning_rate and rerun to resume from it.")

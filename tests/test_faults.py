@@ -145,6 +145,38 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_mode
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_a_weight_check_read_a_step_late_still_saves_nothing_after_the_fault(tiny_model_dir,
+                                                                                      sample_data_dir, tmp_path):
+    """On CUDA the guard reads a step's weight check at the next step's end (no GPU sync a
+    step); step 3 neither saves nor logs, so its check is read at step 4, before step 4 saves."""
+    import torch
+
+    assert torch.cuda.is_available()
+    args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "10", "--save_steps", "2", *FAST,
+                    "--logging_steps", "10")
+    with pytest.raises(RunFault, match=r"step 3: .*NaN or inf"):
+        sft_qlora.main(*args, callbacks=[PoisonFrom(3)])
+    assert latest_complete_checkpoint(tmp_path).endswith("checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_the_trainer_does_not_hide_a_non_finite_loss(tiny_model_dir, sample_data_dir, tmp_path):
+    """The Trainer's `logging_nan_inf_filter` would log the mean of the earlier losses in place
+    of a NaN one, which the guard then never sees (and it reads every micro-step's loss on
+    the host): train_guarded turns it off."""
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(args.logging_nan_inf_filter)
+
+    args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "1", "--save_strategy", "no", *FAST)
+    assert args[1].logging_nan_inf_filter  # the Trainer's default
+    sft_qlora.main(*args, callbacks=[Record()])
+    assert seen == [False]
+
+
 def test_a_nan_logged_loss_is_caught(tmp_path):
     """The loss check alone (a NaN loss need not reach the weights: fp16's scaler skips
     such steps, and training would go on doing nothing)."""
