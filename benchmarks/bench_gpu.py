@@ -16,10 +16,11 @@ each job in its own process, so every peak is clean and a crash or OOM loses one
   dpo      optimizer steps of `dpo_train.main` (T4 recipe) on synthetic pairs, with the
            SFT adapter's `ref` copy as reference or the reference precomputed.
 
-Timing: a callback synchronises the GPU at each optimizer step's end; the first
-`--warmup` steps are dropped; tokens/s is the measured steps' tokens over their time
-(the per-step median and spread are reported too). Tokens are counted by the Trainer
-(`include_num_input_tokens_seen=non_padding`), summed over processes, so
+Timing: a callback marks each optimizer step's end on the GPU's stream (a CUDA event,
+read after the window: no wait between steps); the first `--warmup` steps are dropped;
+tokens/s is the measured steps' tokens over their time (the per-step median and spread are
+reported too). Tokens are the real (non-pad) ones of each training forward, summed on the
+device and over processes, so
 
     accelerate launch --num_processes 2 benchmarks/bench_gpu.py --jobs "g16 ckpt,t4 sft recipe"
 
@@ -183,10 +184,14 @@ JOBS["fast"] = [
     sft_job("g64 ckpt fast", grouped(64, True, *FAST_LAYERS), gelu="tanh", profile=True,
             why="the fast layers: a few dozen kernels a layer instead of hundreds, no fp32 casts between "
                 "products: ~2x the generic path (its GPU time ~47 us a token against ~73)"),
-    sft_job("g64 ckpt compile", grouped(64, True, "--fast_training", "compile"), gelu="tanh",
-            why="the fast layers' elementwise work under torch.compile (dynamic shapes): +10-20%"),
+    sft_job("g64 ckpt compile", grouped(64, True, "--fast_training", "compile"), gelu="tanh", warmup=6,
+            why="the fast layers' elementwise work under torch.compile (dynamic shapes): +10-20%; "
+                "6 steps of warm-up leave the compiling out of the timed ones"),
     sft_job("g64 fast no-ckpt", grouped(64, False, *FAST_LAYERS), gelu="tanh",
             why="memory free: no recompute, a third fewer FLOPs"),
+    sft_job("g80 fast no-ckpt", grouped(80, False, *FAST_LAYERS), gelu="tanh",
+            why="memory free on an H100: a quarter more rows a step, so the short-length steps carry more "
+                "tokens (~64 GiB at 80 x 256)"),
     sft_job("bf16 g64 fast no-ckpt", grouped(64, False, "--load_in_4bit", "false", *FAST_LAYERS), gelu="tanh",
             why="memory free, 16-bit base: no dequantisation"),
     dict(name="grpo-step fast", kind="grpo", steps=6, warmup=1, args=GENERIC_LAYERS,
@@ -315,44 +320,99 @@ def sync():
 
 
 def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, profile_out: Path | None = None,
-               count_tokens: bool = True):
-    """A TrainerCallback timing each optimizer step end to end (GPU synchronised), with the
-    tokens the Trainer counted in it. After the measured steps it can profile a few more.
-    GRPO's batches hold no `input_ids` (the Trainer would warn at each micro-step): there
+               count_tokens: bool = True, check_token_count: bool = False):
+    """A TrainerCallback timing each optimizer step end to end, with the real (non-pad) tokens
+    its training forwards carried. After the measured steps it can profile a few more.
+
+    On a GPU each step's end is an event on the stream, read after the window, not a wait:
+    waiting would idle the GPU while the host prepares the next step, a cost a run without
+    the timer does not pay (on an H200 it was ~87 ms of a 575 ms step, the Trainer's and the
+    guard's waits included). For the same reason the tokens are summed on the device by a
+    hook on the model's training forwards, not by the Trainer (`include_num_input_tokens_seen`
+    reads them on the host at each micro-step). `check_token_count` turns the Trainer's count
+    on too, to compare (`trainer_tokens`). GRPO's batches hold no `input_ids`: there
     `count_tokens=False` and the timer keeps times alone."""
+    import torch
     from transformers import TrainerCallback
+
+    def mark():
+        if not torch.cuda.is_available():
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(a, b) -> float:
+        return b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.tokens, self.last, self.profile = [], [], None, None
+            self.times, self.tokens, self.trainer_tokens, self.profile = [], [], [], None
+            self.marks, self.seen, self.hook = [], None, None
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            # Real tokens, counted by the Trainer and summed over processes. (The flag can't be
-            # given on the command line: its parser reads it as a bool, i.e. "all".)
-            if count_tokens:
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if check_token_count:  # the Trainer's count, summed over processes (a GPU sync a micro-step)
                 args.include_num_input_tokens_seen = "non_padding"
+            self.seen = torch.zeros((), dtype=torch.int64, device=args.device)
+            if count_tokens and model is not None:
+                self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
             sync()
-            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+            self.marks = [(state.global_step, mark(), self.seen.clone(), state.num_input_tokens_seen)]
+
+        def count(self, module, args, kwargs):
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            if (mask := kwargs.get("attention_mask")) is not None:
+                self.seen += mask.sum()
+            elif (ids := kwargs.get("input_ids")) is not None:  # padding-free (packed) rows: every token is real
+                self.seen += ids.numel()
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            now, seen = time.perf_counter(), state.num_input_tokens_seen
             step = state.global_step
             in_window = step > warmup and (measure is None or step <= warmup + measure)
             if in_window and self.profile is None:
-                self.times.append(now - self.last[0])
-                self.tokens.append(seen - self.last[1])
+                self.marks.append((step, mark(), self.seen.clone(), state.num_input_tokens_seen))
             if profile_steps and measure is not None and step == warmup + measure:
-                self.profile, self.profile_seen = start_profiler(), seen
+                self.read_marks()
+                self.profile, self.profile_seen = start_profiler(), self.summed(self.seen).item()
             elif self.profile is not None and step == warmup + measure + profile_steps:
+                sync()
                 self.profile.stop()
                 try:
-                    write_profile(self.profile, profile_steps, profile_out, tokens=seen - self.profile_seen)
+                    write_profile(self.profile, profile_steps, profile_out, tokens=self.summed(self.seen).item()
+                                  - self.profile_seen)
                 except Exception as e:  # noqa: BLE001 - a profile is a bonus; keep the timings
                     print(f"[bench] profile summary failed: {e!r}", flush=True)
                 self.profile = False
+            if step == warmup:  # the window starts here
+                self.marks = [(step, mark(), self.seen.clone(), state.num_input_tokens_seen)]
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.read_marks()
+            if self.hook is not None:
+                self.hook.remove()
+
+        def summed(self, tensor):
+            """`tensor` summed over processes (each one counts its own forwards)."""
+            import torch.distributed as dist
+
+            tensor = tensor.clone()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(tensor)
+            return tensor
+
+        def read_marks(self):
             sync()
-            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+            marks, self.marks = self.marks, self.marks[-1:]
+            if len(marks) < 2:
+                return
+            seen = self.summed(torch.stack([m[2] for m in marks])).tolist()
+            for (_, a, _, trainer_a), (_, b, _, trainer_b), s_a, s_b in zip(marks, marks[1:], seen, seen[1:]):
+                self.times.append(seconds(a, b))
+                if count_tokens:
+                    self.tokens.append(s_b - s_a)
+                if check_token_count:
+                    self.trainer_tokens.append(trainer_b - trainer_a)
 
     return StepTimer()
 
@@ -514,11 +574,13 @@ def compare_losses(results: list[dict], jobs: list[dict]) -> None:
                               "max_rel": max(abs(a - b) / abs(b) for a, b in pairs)}
 
 
-def summarize(times: list[float], tokens: list[int] | None = None) -> dict:
+def summarize(times: list[float], tokens: list[int] | None = None, trainer_tokens: list[int] | None = None) -> dict:
     if not times:
         return {}
     out = {"steps_timed": len(times), "step_s": statistics.median(times), "step_s_min": min(times),
            "step_s_max": max(times), "times": [round(t, 4) for t in times], "tokens": tokens}
+    if trainer_tokens:
+        out["trainer_tokens"] = trainer_tokens
     if tokens and sum(tokens):
         per_step = [k / t for k, t in zip(tokens, times)]
         out.update(tok_s=sum(tokens) / sum(times), tok_s_median=statistics.median(per_step),
@@ -568,7 +630,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
     profile = ctx["profile_steps"] if job.get("profile") else 0
     measure = steps
     out_dir = Path(ctx["work"]) / slug(job["name"])
-    timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json")
+    timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json",
+                       check_token_count=ctx.get("check_token_count", False))
     total = warmup + measure + profile
     # Loss-match jobs run without dropout (Phi-2's resid_pdrop too): the paths draw their CUDA
     # masks differently, so only dropout-free losses can be held to a tolerance.
@@ -585,7 +648,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
         trainer = plain_trl_sft(model_dir, ctx, total, out_dir, timer)
     else:
         trainer = recipe_sft(model_dir, ctx, job, total, out_dir, timer)
-    result = {**summarize(timer.times, timer.tokens), **memory(), **finite_logs(trainer.state.log_history),
+    result = {**summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),
+              **finite_logs(trainer.state.log_history),
               "wall_s": time.perf_counter() - start, "activation": activation_name(trainer.model),
               "batch": trainer.args.per_device_train_batch_size, "grad_ckpt": trainer.args.gradient_checkpointing,
               "packing": bool(getattr(trainer.args, "packing", False)), "processes": trainer.args.world_size,
@@ -942,10 +1006,11 @@ def run_dpo(job: dict, ctx: dict) -> dict:
         def on_train_begin(self, args, state, control, **kwargs):
             started["s"] = time.perf_counter()
 
-    timer = step_timer(job["warmup"], None)
+    timer = step_timer(job["warmup"], None, check_token_count=ctx.get("check_token_count", False))
     start = time.perf_counter()
     trainer = dpo_train.main(script_args, training_args, model_args, callbacks=[FirstStep(), timer])
-    return {**summarize(timer.times, timer.tokens), **memory(), **finite_logs(trainer.state.log_history),
+    return {**summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),
+            **finite_logs(trainer.state.log_history),
             "wall_s": time.perf_counter() - start, "setup_s": started["s"] - start,
             "steps": trainer.state.global_step, "pairs_per_step": pairs // steps,
             "reference": "precomputed" if training_args.precompute_ref_log_probs else "ref adapter",

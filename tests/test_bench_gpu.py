@@ -63,10 +63,14 @@ def test_median_tokens_2000_fills_every_row(tiny_model_dir, tmp_path):
 
 
 def test_sft_jobs_count_real_tokens(ctx):
+    # The timer sums the tokens on the device; here the Trainer counts them too, to compare.
+    ctx = {**ctx, "check_token_count": True}
     plain = bench.run_job_here(bench.ALL_JOBS["trl-defaults"], ctx)
     padded = bench.run_job_here(bench.ALL_JOBS["recipe-seed"], ctx)
-    for r in (plain, padded):
+    packed = bench.run_job_here(bench.ALL_JOBS["+packing"], ctx)
+    for r in (plain, padded, packed):
         assert r["ok"] and r["finite"] and r["steps_timed"] == 2, r
+        assert r["tokens"] == r["trainer_tokens"] and all(r["tokens"]), r
         assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
         assert math.isclose(r["tok_s"], r["tokens_per_step"] / statistics.mean([r["step_s_min"], r["step_s_max"]]),
                             rel_tol=0.5)
@@ -202,13 +206,14 @@ def test_unknown_job_is_refused():
 def test_dpo_jobs(ctx):
     """The 'dpo' set at tiny scale: both references, their figures and the table's notes.
     Each job writes exactly the pairs its steps use."""
-    small = {**ctx, "dpo_overrides": ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+    small = {**ctx, "check_token_count": True, "dpo_overrides": ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                                       "--max_length", "128", "--max_prompt_tokens", "64"]}
     results = [bench.run_job_here(dict(job, steps=2, warmup=1), small) for job in bench.JOBS["dpo"]]
     for r in results:
         assert r["ok"] and r["finite"] and r["steps"] == 2 and r["steps_timed"] == 1, r
         assert r["pairs_per_step"] == 2 and len(r["losses"]) == 2 and r["losses"][0] == pytest.approx(math.log(2))
         assert r["setup_s"] > 0 and r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+        assert r["tokens"] == r["trainer_tokens"] and all(r["tokens"]), r  # the timer's count is the Trainer's
     assert [r["reference"] for r in results] == ["ref adapter", "precomputed"] * 2
     for generic, fast in zip(results[:2], results[2:]):  # the same steps on the fast layers
         assert fast["name"] == generic["name"] + " fast" and fast["losses"] == pytest.approx(generic["losses"], rel=1e-4)
