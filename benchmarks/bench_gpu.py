@@ -326,8 +326,8 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
 
     On a GPU each step's end is an event on the stream, read after the window, not a wait:
     waiting would idle the GPU while the host prepares the next step, a cost a run without
-    the timer does not pay (on an H200 it was ~87 ms of a 575 ms step, the Trainer's and the
-    guard's waits included). For the same reason the tokens are summed on the device by a
+    the timer does not pay (with such waits the fast layers' step on an H200 left the GPU
+    idle 87 ms of 575, much of it between steps). For the same reason the tokens are summed on the device by a
     hook on the model's training forwards, not by the Trainer (`include_num_input_tokens_seen`
     reads them on the host at each micro-step). `check_token_count` turns the Trainer's count
     on too, to compare (`trainer_tokens`). GRPO's batches hold no `input_ids`: there
@@ -335,7 +335,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
     import torch
     from transformers import TrainerCallback
 
-    def mark():
+    def now():
         if not torch.cuda.is_available():
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
@@ -357,7 +357,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
             if count_tokens and model is not None:
                 self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
             sync()
-            self.marks = [(state.global_step, mark(), self.seen.clone(), state.num_input_tokens_seen)]
+            self.marks = [self.mark(state)]
 
         def count(self, module, args, kwargs):
             if not (module.training and torch.is_grad_enabled()):
@@ -371,7 +371,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
             step = state.global_step
             in_window = step > warmup and (measure is None or step <= warmup + measure)
             if in_window and self.profile is None:
-                self.marks.append((step, mark(), self.seen.clone(), state.num_input_tokens_seen))
+                self.marks.append(self.mark(state))
             if profile_steps and measure is not None and step == warmup + measure:
                 self.read_marks()
                 self.profile, self.profile_seen = start_profiler(), self.summed(self.seen).item()
@@ -385,7 +385,11 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
                     print(f"[bench] profile summary failed: {e!r}", flush=True)
                 self.profile = False
             if step == warmup:  # the window starts here
-                self.marks = [(step, mark(), self.seen.clone(), state.num_input_tokens_seen)]
+                self.marks = [self.mark(state)]
+
+        def mark(self, state):
+            """Now: on the GPU's stream (or the clock), the tokens counted, the Trainer's count."""
+            return now(), self.seen.clone(), state.num_input_tokens_seen
 
         def on_train_end(self, args, state, control, **kwargs):
             self.read_marks()
@@ -406,8 +410,8 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
             marks, self.marks = self.marks, self.marks[-1:]
             if len(marks) < 2:
                 return
-            seen = self.summed(torch.stack([m[2] for m in marks])).tolist()
-            for (_, a, _, trainer_a), (_, b, _, trainer_b), s_a, s_b in zip(marks, marks[1:], seen, seen[1:]):
+            seen = self.summed(torch.stack([m[1] for m in marks])).tolist()
+            for (a, _, trainer_a), (b, _, trainer_b), s_a, s_b in zip(marks, marks[1:], seen, seen[1:]):
                 self.times.append(seconds(a, b))
                 if count_tokens:
                     self.tokens.append(s_b - s_a)
