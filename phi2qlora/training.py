@@ -283,8 +283,8 @@ class TrainingGuard(TrainerCallback):
         """Every trainable weight finite after this optimizer step. On a GPU the answer is read
         at the next step's end: reading it now would make the host wait for the GPU at every
         step, leaving the GPU idle while the host prepares the next one (the data, the
-        Trainer's step-end work). A step that
-        saves, evaluates, logs or ends reads its own at once, so nothing non-finite is saved."""
+        Trainer's step-end work). A step that saves, evaluates, logs or ends reads its own at
+        once, so nothing non-finite is saved."""
         import torch
 
         self._read_weight_check(args, state)
@@ -292,15 +292,15 @@ class TrainingGuard(TrainerCallback):
         if not trainable:
             return
         finite = torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all()
+        self._unread_check = (state.global_step, finite, None)
         if finite.is_cuda and not (control.should_save or control.should_evaluate or control.should_log
-                                   or control.should_training_stop):
+                                   or control.should_training_stop):  # read at the next step's end
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             flag.copy_(finite, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._unread_check = (state.global_step, flag, event)
         else:
-            self._unread_check = (state.global_step, finite, None)
             self._read_weight_check(args, state)
 
     def _read_weight_check(self, args, state):
@@ -324,9 +324,9 @@ class TrainingGuard(TrainerCallback):
     def _fault(self, args, state, what: str, step: int | None = None):
         last = latest_complete_checkpoint(args.output_dir)
         raise RunFault(
-            f"step {state.global_step if step is None else step}: {what}. Likely causes: fp16 overflow (on a T4: Phi-2's activations can "
-            "exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa attention) or a learning "
-            f"rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
+            f"step {state.global_step if step is None else step}: {what}. Likely causes: fp16 overflow (on a T4: "
+            "Phi-2's activations can exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa "
+            f"attention) or a learning rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
             f"{last or 'none'}: lower learning_rate and rerun to resume from it.")
 
     # -- complete checkpoints ---------------------------------------------------------
