@@ -143,8 +143,9 @@ class _FrozenLinearLoRA(torch.autograd.Function):
         dtype = x.dtype
         weight = phi2.base_weights(modules, dtype, x.device)
         # One product a piece, each into its own contiguous tensor: a column slice of one wide
-        # output would make every elementwise kernel reading it (fc1's gelu, forward and
-        # backward) take torch's strided, unvectorised path, ~3x slower (H200 profile, PERFORMANCE.md).
+        # output sends every elementwise kernel reading it (fc1's gelu, forward and backward)
+        # down torch's strided, unvectorised path: 36 ms of a 455 ms GPU step on an H200
+        # (PERFORMANCE.md, "Fast training layers", #15).
         outs, rows = [], 0
         for p in pieces:
             outs.append(torch.addmm(bias[rows:rows + p], x, weight[rows:rows + p].t()))
