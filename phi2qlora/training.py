@@ -259,6 +259,11 @@ class TrainingGuard(TrainerCallback):
         self._check_weights(model, args, state, control)
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer decides an epoch's save, evaluation and log after its last step's end
+        # (save_strategy "epoch"): that step's check is read before any of them.
+        self._read_weight_check(args, state)
+
     def on_train_end(self, args, state, control, **kwargs):
         self._read_weight_check(args, state)
 
@@ -311,7 +316,7 @@ class TrainingGuard(TrainerCallback):
         if event is not None:
             event.synchronize()
         if not bool(flag):
-            self._fault(args, state, "a trainable weight became NaN or inf in the last optimizer step", step=step)
+            self._fault(args, state, "a trainable weight became NaN or inf in that optimizer step", step=step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):
@@ -326,8 +331,8 @@ class TrainingGuard(TrainerCallback):
         raise RunFault(
             f"step {state.global_step if step is None else step}: {what}. Likely causes: fp16 overflow (on a T4: "
             "Phi-2's activations can exceed fp16's range; lower learning_rate, keep max_grad_norm, use sdpa "
-            f"attention) or a learning rate too high for this batch. Nothing was saved after the fault; the last good checkpoint is "
-            f"{last or 'none'}: lower learning_rate and rerun to resume from it.")
+            "attention) or a learning rate too high for this batch. Nothing was saved after the fault; the last "
+            f"good checkpoint is {last or 'none'}: lower learning_rate and rerun to resume from it.")
 
     # -- complete checkpoints ---------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):

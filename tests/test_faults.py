@@ -161,6 +161,22 @@ def test_on_a_gpu_a_weight_check_read_a_step_late_still_saves_nothing_after_the_
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_a_weight_check_left_unread_is_read_at_the_epoch_end_before_its_save(tmp_path):
+    """With save_strategy "epoch" the Trainer decides the save after the last step's end, where
+    a GPU check may still be unread: the epoch's end reads it, before the save."""
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    guard = TrainingGuard()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    guard._unread_check = (3, torch.tensor(True), None)
+    guard.on_epoch_end(args, TrainerState(global_step=3), TrainerControl())
+    assert guard._unread_check is None
+    guard._unread_check = (5, torch.tensor(False), None)
+    with pytest.raises(RunFault, match=r"step 5: a trainable weight became NaN or inf"):
+        guard.on_epoch_end(args, TrainerState(global_step=5), TrainerControl())
+
+
 def test_the_trainer_does_not_hide_a_non_finite_loss(tiny_model_dir, sample_data_dir, tmp_path):
     """The Trainer's `logging_nan_inf_filter` would log the mean of the earlier losses in place
     of a NaN one, which the guard then never sees (and it reads every micro-step's loss on
