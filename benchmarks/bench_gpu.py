@@ -327,9 +327,9 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
     On a GPU each step's end is an event on the stream, read after the window, not a wait:
     waiting would idle the GPU while the host prepares the next step, a cost a run without
     the timer does not pay (with such waits the fast layers' step on an H200 left the GPU
-    idle 87 ms of 575, much of it between steps). For the same reason the tokens are summed on the device by a
-    hook on the model's training forwards, not by the Trainer (`include_num_input_tokens_seen`
-    reads them on the host at each micro-step). `check_token_count` turns the Trainer's count
+    idle 87 ms of 575, much of it between steps). For the same reason the tokens are summed
+    on the device by a hook on the model's training forwards, not by the Trainer
+    (`include_num_input_tokens_seen` reads them on the host at each micro-step). `check_token_count` turns the Trainer's count
     on too, to compare (`trainer_tokens`). GRPO's batches hold no `input_ids`: there
     `count_tokens=False` and the timer keeps times alone."""
     import torch
