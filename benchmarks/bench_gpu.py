@@ -37,6 +37,7 @@ Prints a table at the end and writes `results.json` (and profiles) to `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -184,9 +185,14 @@ JOBS["fast"] = [
     sft_job("g64 ckpt fast", grouped(64, True, *FAST_LAYERS), gelu="tanh", profile=True,
             why="the fast layers: a few dozen kernels a layer instead of hundreds, no fp32 casts between "
                 "products: ~2x the generic path (its GPU time ~47 us a token against ~73)"),
-    sft_job("g64 ckpt compile", grouped(64, True, "--fast_training", "compile"), gelu="tanh", warmup=6,
-            why="the fast layers' elementwise work under torch.compile (dynamic shapes): +10-20%; "
-                "6 steps of warm-up leave the compiling out of the timed ones"),
+    sft_job("g64 ckpt compile", grouped(64, True, "--fast_training", "compile"), gelu="tanh", warmup=6, profile=True,
+            why="LayerNorm and the residual sum under torch.compile (dynamic shapes), where Inductor fuses the "
+                "fp32 stream's casts: ~15 ms less GPU a step, ~10 ms more host; 6 steps of warm-up leave the "
+                "compiling out of the timed ones"),
+    sft_job("g64 ckpt compile all", grouped(64, True, "--fast_training", "compile"), gelu="tanh", warmup=6,
+            compiled_ops=("norm", "heads", "attend", "act", "residual"),
+            why="all five ops between the products compiled (2026-12-07's compile mode): bmm, sdpa and gelu "
+                "gain nothing, each compiled call costs host time"),
     sft_job("g64 fast no-ckpt", grouped(64, False, *FAST_LAYERS), gelu="tanh",
             why="memory free: no recompute, a third fewer FLOPs"),
     sft_job("g80 fast no-ckpt", grouped(80, False, *FAST_LAYERS), gelu="tanh",
@@ -349,6 +355,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
         def __init__(self):
             self.times, self.tokens, self.trainer_tokens, self.profile = [], [], [], None
             self.marks, self.seen, self.hook = [], None, None
+            self.graphs_before_window = 0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if check_token_count:  # the Trainer's count, summed over processes (a GPU sync a micro-step)
@@ -386,6 +393,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
                 self.profile = False
             if step == warmup:  # the window starts here
                 self.marks = [self.mark(state)]
+                self.graphs_before_window = compile_stats()[0]
 
         def mark(self, state):
             """Now: on the GPU's stream (or the clock), the tokens counted, the Trainer's count."""
@@ -648,11 +656,18 @@ def run_sft(job: dict, ctx: dict) -> dict:
 
         PartialState().wait_for_everyone()
     start = time.perf_counter()
+    graphs, compile_s = compile_stats()
     if job["plain"]:
         trainer = plain_trl_sft(model_dir, ctx, total, out_dir, timer)
     else:
-        trainer = recipe_sft(model_dir, ctx, job, total, out_dir, timer)
-    result = {**summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),
+        with compiled_ops(job.get("compiled_ops")):
+            trainer = recipe_sft(model_dir, ctx, job, total, out_dir, timer)
+    if (now := compile_stats())[0] > graphs:  # torch.compile ran: its time, and whether new lengths recompiled
+        extra = dict(graphs_compiled=now[0] - graphs, compile_s=round(now[1] - compile_s, 1),
+                     graphs_compiled_timed=now[0] - timer.graphs_before_window)
+    else:
+        extra = {}
+    result = {**extra, **summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),
               **finite_logs(trainer.state.log_history),
               "wall_s": time.perf_counter() - start, "activation": activation_name(trainer.model),
               "batch": trainer.args.per_device_train_batch_size, "grad_ckpt": trainer.args.gradient_checkpointing,
@@ -666,6 +681,33 @@ def run_sft(job: dict, ctx: dict) -> dict:
                       gpu_ms_by_kind=prof["gpu_ms_by_kind"], profile_tokens_per_step=prof["tokens_per_step"],
                       **{k: prof[k] for k in ("gpu_idle_ms_per_step", "gpu_idle_by_host_op") if k in prof})
     return result
+
+
+def compile_stats() -> tuple[int, float]:
+    """Graphs torch.compile has built in this process, and its seconds (forward graphs at
+    their first call, backward graphs at their first backward)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0, 0.0
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    keys = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+    return counters["stats"]["unique_graphs"], sum(sum(compilation_time_metrics.get(k, [])) for k in keys)
+
+
+@contextlib.contextmanager
+def compiled_ops(names):
+    """`--fast_training compile` with these ops under torch.compile (None: the module's own)."""
+    from phi2qlora import fast_training as ft
+
+    if names is None:
+        yield
+        return
+    saved = ft.COMPILED_OPS, ft._COMPILED_OPS
+    ft.COMPILED_OPS, ft._COMPILED_OPS = tuple(names), ft._LazyCompiledOps()
+    try:
+        yield
+    finally:
+        ft.COMPILED_OPS, ft._COMPILED_OPS = saved
 
 
 def plain_trl_sft(model_dir: Path, ctx: dict, steps: int, out_dir: Path, timer):
@@ -1160,6 +1202,9 @@ def table(results: list[dict]) -> str:
         if r["kind"] == "sft":
             notes.append(f"b{r['batch']}{' ckpt' if r['grad_ckpt'] else ''}{' pack' if r['packing'] else ''} "
                          f"{r['activation']}" + ("" if r.get("finite", True) else " NaN!"))
+        if r.get("graphs_compiled"):
+            notes.append(f"compiled {r['graphs_compiled']} graphs in {r['compile_s']:.0f} s, "
+                         f"{r['graphs_compiled_timed']} in the timed steps")
         if r.get("preview_s") is not None:
             first = f" (first {r['preview_first_s']:.1f} s)" if r.get("preview_first_s") else ""
             notes.append(f"preview {r['preview_s']:.2f} s{first} = {100 * (r['preview_share'] or 0):.1f}% "

@@ -348,8 +348,8 @@ class FastPhiLayer:
         return ops.residual(x, attn_out, mlp_out, noises.attn_out, noises.mlp_out)
 
 
-# The tensor work between the products, as plain functions: run as they are, or each under
-# torch.compile (`--fast_training compile`), where Inductor fuses their elementwise kernels.
+# The tensor work between the products, as plain functions: run as they are, or some under
+# torch.compile (`--fast_training compile`: `COMPILED_OPS`), where Inductor fuses their elementwise work.
 def _norm(x, weight, bias, eps: float, dtype):
     """LayerNorm in fp32 (Phi-2 overflows fp16 there; autocast runs it in fp32 too), cast once."""
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
@@ -381,21 +381,32 @@ def _residual(x, attn_out, mlp_out, attn_noise, mlp_noise):
     return x + attn_out.view(x.shape) + mlp_out.view(x.shape)
 
 
+_OPS = dict(norm=_norm, heads=_heads, attend=_attend, act=_act, residual=_residual)
+# The ops `--fast_training compile` hands to Inductor: the two where it has work to fuse, the
+# fp32 residual stream's conversions (LayerNorm and its cast to 16 bits; the three-way sum
+# and, backward, its two casts). The others are one library kernel each already (bmm, sdpa,
+# gelu), and each compiled call costs host time of its own: on the tiny model on a CPU
+# (2026-12-07, tests/test_fast_training.py's setup, 12 layers, checkpointing) all five
+# compiled took 13 ms more a forward and backward than eager, about 70 us a compiled call.
+COMPILED_OPS = ("norm", "residual")
+
+
 class _Ops:
-    def __init__(self, wrap):
-        self.norm, self.heads, self.attend = wrap(_norm), wrap(_heads), wrap(_attend)
-        self.act, self.residual = wrap(_act), wrap(_residual)
+    def __init__(self, wrap, names=()):
+        for name, fn in _OPS.items():
+            setattr(self, name, wrap(fn) if name in names else fn)
 
 
 _EAGER_OPS = _Ops(lambda fn: fn)
 
 
 class _LazyCompiledOps:
-    """`_Ops` under torch.compile, built at first use. Dynamic shapes: grouped batches change
-    length at every step, and one compiled graph serves them all."""
+    """`_Ops` with `COMPILED_OPS` under torch.compile, built at first use. Dynamic shapes:
+    grouped batches change length at every step, and one compiled graph serves them all
+    (no recompiles as lengths or layers change: tests/test_fast_training.py)."""
 
     def __getattr__(self, name):
-        ops = _Ops(lambda fn: torch.compile(fn, dynamic=True))
+        ops = _Ops(lambda fn: torch.compile(fn, dynamic=True), COMPILED_OPS)
         self.__dict__.update(ops.__dict__)
         return getattr(ops, name)
 

@@ -147,6 +147,24 @@ def test_loss_match_jobs_compare_the_two_paths(ctx):
     assert "losses vs match generic: 3 steps" in bench.table(results)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU builds its kernels with a C++ compiler")
+def test_compile_jobs_report_compile_time_and_graphs(ctx):
+    """The compiled jobs say how long torch.compile took and how many graphs it built, in
+    the timed steps too (new lengths recompiling would show there); a job's own choice of
+    compiled ops lasts for that job only."""
+    from phi2qlora import fast_training as ft
+
+    default = ft.COMPILED_OPS
+    job = dict(bench.ALL_JOBS["g64 ckpt compile all"], steps=2, warmup=1, profile=False)
+    result = bench.run_job_here(job, ctx)
+    assert result["ok"] and result["layers"] == "fast", result
+    # heads, attend and act at least: norm and residual may reuse graphs an earlier test built
+    assert result["graphs_compiled"] >= 3 and result["compile_s"] > 0, result
+    assert result["graphs_compiled_timed"] == 0, result
+    assert ft.COMPILED_OPS == default and "compiled" in bench.table([result])
+
+
 def test_t4_projection_scales_products_by_flops_and_the_rest_by_bandwidth():
     ceilings = {"matmul_flops": 10 * bench.T4_FLOPS, "copy_bytes_s": 4 * bench.T4_BYTES_S}
     job = {"gpu_ms_by_kind": {"products": 30.0, "other": 20.0}, "profile_tokens_per_step": 1000}

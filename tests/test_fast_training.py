@@ -8,6 +8,8 @@ and are the same masks, so dropout on is held to the same tolerances."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import sft_args, stop_at
@@ -80,8 +82,8 @@ def fast_calls(monkeypatch):
     return calls
 
 
-def forward_backward(model, enc, labels, *, fast: bool, checkpointing: bool, seed: int = 3):
-    (ft.install if fast else ft.uninstall)(model)
+def forward_backward(model, enc, labels, *, fast: bool, checkpointing: bool, seed: int = 3, compile: bool = False):
+    ft.install(model, compile=compile) if fast else ft.uninstall(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -125,6 +127,29 @@ def test_logits_loss_and_every_gradient_equal_the_generic_path(tiny_model_dir, t
     if dropout:  # the masks were real: another seed draws others
         other = forward_backward(model, enc, labels, fast=True, checkpointing=checkpointing, seed=4)
         assert abs(other[1].item() - fast[1].item()) > 1e-4
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU builds its kernels with a C++ compiler")
+def test_compiled_ops_equal_the_generic_path_and_other_lengths_reuse_their_graphs(tiny_model_dir, tokenizer,
+                                                                                   fast_calls, monkeypatch):
+    """`--fast_training compile`: Inductor's LayerNorm and residual sum give the generic
+    path's logits, loss and gradients (dropout on, checkpointing); a batch of other lengths
+    runs on the graphs already built, as grouped batches of changing lengths will."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(ft, "_COMPILED_OPS", ft._LazyCompiledOps())  # this test's own graphs
+    model = peft_model(tiny_model_dir, tokenizer, lora_dropout=0.1, resid_pdrop=0.1)
+    enc, labels = batch(tokenizer)
+    generic = forward_backward(model, enc, labels, fast=False, checkpointing=True)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = forward_backward(model, enc, labels, fast=True, checkpointing=True, compile=True)
+    assert fast_calls and counters["stats"]["unique_graphs"] > graphs  # the compiled ops ran
+    assert_same(generic, compiled, enc["attention_mask"].bool())
+    graphs = counters["stats"]["unique_graphs"]
+    shorter = {name: tensor[1:, :-3] for name, tensor in enc.items()}
+    forward_backward(model, shorter, labels[1:, :-3], fast=True, checkpointing=True, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("lora", [{"alpha_pattern": {"fc1": 4}},
