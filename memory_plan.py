@@ -60,12 +60,14 @@ FAST_DROPOUT_BYTES = {True: 0.0, False: 1.47e-3 * GIB}
 # A GPU needs this beyond the allocated peak: CUDA context, cuBLAS workspaces, allocator slack.
 SLACK_FACTOR, CONTEXT_GIB = 1.1, 0.5
 # Time a micro-step (seconds): fixed host cost + cost a token, by (fast layers, checkpointing).
-# h100: fitted to bench_gpu.py's runs (generic: run 2; fast: 2026-12-06, g64 jobs). t4: not
+# h100: least squares over each timed step's seconds and real tokens of bench_gpu.py's g64
+# jobs on an H100 80GB, 2026-12-07 (generic and fast with checkpointing, fast without: calls C, D
+# in PERFORMANCE.md; the generic path without checkpointing: run 2, not run since). t4: not
 # measured on a T4; bench_gpu.py's T4 projection of the H100 kernels (PERFORMANCE.md, "Fast
 # training layers": 583 tok/s generic and 716 fast with checkpointing, 996 fast without),
 # the generic path without checkpointing scaled as the fast one scales; small host terms.
-SPEED = {"h100": {(False, False): (0.25, 42e-6), (False, True): (0.40, 56e-6),
-                  (True, False): (0.14, 27e-6), (True, True): (0.20, 31e-6)},
+SPEED = {"h100": {(False, False): (0.25, 42e-6), (False, True): (0.24, 68e-6),
+                  (True, False): (0.12, 22e-6), (True, True): (0.16, 31e-6)},
          "t4": {(False, False): (0.05, 1.23e-3), (False, True): (0.08, 1.72e-3),
                 (True, False): (0.05, 1.00e-3), (True, True): (0.08, 1.40e-3)}}
 
