@@ -397,7 +397,9 @@ def parse_message(raw, prefix: str = "", nested: tuple | None = None) -> dict:
         "lang": lang.lower() if lang else None,
         "deleted": deleted is True,
         "review": review,
-        "rank": None if rank is None or math.isnan(rank) else rank,
+        # A whole rank as an int: Parquet and the Hub's oasst1 store ranks as floats (a column
+        # with nulls), JSON as ints, and the pairs' "ranks" must read the same from both.
+        "rank": None if rank is None or math.isnan(rank) else int(rank) if float(rank).is_integer() else rank,
         "date": date_key(date),
     }
 
