@@ -34,8 +34,9 @@ class RunArguments:
     )
     fast_training: Literal["auto", "true", "false", "compile"] = field(
         default="auto", metadata={"help": "train through phi2qlora/fast_training.py's Phi-2 layers (true), the generic "
-                                          "PEFT + bitsandbytes layers (false), the fast layers with torch.compile "
-                                          "(compile), or auto: the fast layers on a verified GPU; a run prints which"}
+                                          "PEFT + bitsandbytes layers (false), the fast layers with LayerNorm and the "
+                                          "residual sum under torch.compile (compile: measured slower, PERFORMANCE.md), "
+                                          "or auto: the fast layers on a verified GPU; a run prints which"}
     )
 
 

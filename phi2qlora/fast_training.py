@@ -385,9 +385,10 @@ _OPS = dict(norm=_norm, heads=_heads, attend=_attend, act=_act, residual=_residu
 # The ops `--fast_training compile` hands to Inductor: the two where it has work to fuse, the
 # fp32 residual stream's conversions (LayerNorm and its cast to 16 bits; the three-way sum
 # and, backward, its two casts). The others are one library kernel each already (bmm, sdpa,
-# gelu), and each compiled call costs host time of its own: on the tiny model on a CPU
-# (2026-12-07, tests/test_fast_training.py's setup, 12 layers, checkpointing) all five
-# compiled took 13 ms more a forward and backward than eager, about 70 us a compiled call.
+# gelu). Compiling does not pay on this layer (PERFORMANCE.md, "Fast training layers", #24-
+# #27): on an H100 (2026-12-07) the GPU time a token did not drop (44 us against 42 eager),
+# and each compiled call adds host time, so a step took 0.63 s against 0.57 (all five ops
+# compiled: 0.65 s). Hence not the default, and only these two.
 COMPILED_OPS = ("norm", "residual")
 
 

@@ -161,6 +161,24 @@ def test_on_a_gpu_a_weight_check_read_a_step_late_still_saves_nothing_after_the_
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_the_last_step_of_an_epoch_is_checked_before_the_epoch_save(tiny_model_dir, sample_data_dir,
+                                                                             tmp_path):
+    """save_strategy "epoch": an epoch of 4 steps whose last step turns the weights to inf.
+    The Trainer saves an epoch after that step's end, where the GPU check is still unread;
+    the epoch's end reads it first, so nothing is saved after the fault."""
+    import torch
+
+    assert torch.cuda.is_available()
+    args = sft_args(tiny_model_dir, sample_data_dir, tmp_path, "--max_steps", "-1", "--num_train_epochs", "2",
+                    "--max_train_examples", "8", "--per_device_train_batch_size", "2", "--save_strategy", "epoch",
+                    *FAST, "--logging_steps", "10")
+    with pytest.raises(RunFault, match=r"step 4: .*NaN or inf"):
+        sft_qlora.main(*args, callbacks=[PoisonFrom(4)])
+    assert latest_complete_checkpoint(tmp_path) is None
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_a_weight_check_left_unread_is_read_at_the_epoch_end_before_its_save(tmp_path):
     """With save_strategy "epoch" the Trainer decides the save after the last step's end, where
     a GPU check may still be unread: the epoch's end reads it, before the save."""
