@@ -191,7 +191,7 @@ JOBS["fast"] = [
                 "compiling out of the timed ones"),
     sft_job("g64 ckpt compile all", grouped(64, True, "--fast_training", "compile"), gelu="tanh", warmup=6,
             compiled_ops=("norm", "heads", "attend", "act", "residual"),
-            why="all five ops between the products compiled (2026-12-07's compile mode): bmm, sdpa and gelu "
+            why="all five ops between the products compiled (the mode until 2026-12-07): bmm, sdpa and gelu "
                 "gain nothing, each compiled call costs host time"),
     sft_job("g64 fast no-ckpt", grouped(64, False, *FAST_LAYERS), gelu="tanh",
             why="memory free: no recompute, a third fewer FLOPs"),
