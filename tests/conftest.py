@@ -18,6 +18,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def needs_compiler():
+    """torch.compile on the CPU builds its kernels with a C/C++ compiler: skip without one."""
+    from tools.setup_env import has_compiler
+
+    return pytest.mark.skipif(not has_compiler(), reason="torch.compile on the CPU needs a C/C++ compiler")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on the CPU)")
 

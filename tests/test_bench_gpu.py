@@ -10,7 +10,7 @@ import statistics
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, needs_compiler
 
 from phi2qlora.chat import format_chat
 from phi2qlora.model import load_chat_tokenizer
@@ -147,8 +147,7 @@ def test_loss_match_jobs_compare_the_two_paths(ctx):
     assert "losses vs match generic: 3 steps" in bench.table(results)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on the CPU builds its kernels with a C++ compiler")
+@needs_compiler()
 def test_compile_jobs_report_compile_time_and_graphs(ctx):
     """The compiled jobs say how long torch.compile took and how many graphs it built, in
     the timed steps too (new lengths recompiling would show there); a job's own choice of

@@ -8,11 +8,9 @@ and are the same masks, so dropout on is held to the same tolerances."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import sft_args, stop_at
+from conftest import needs_compiler, sft_args, stop_at
 from test_dpo import dpo_args, pairs_dir  # noqa: F401 (a fixture)
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
@@ -129,8 +127,7 @@ def test_logits_loss_and_every_gradient_equal_the_generic_path(tiny_model_dir, t
         assert abs(other[1].item() - fast[1].item()) > 1e-4
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on the CPU builds its kernels with a C++ compiler")
+@needs_compiler()
 def test_compiled_ops_equal_the_generic_path_and_other_lengths_reuse_their_graphs(tiny_model_dir, tokenizer,
                                                                                    fast_calls, monkeypatch):
     """`--fast_training compile`: Inductor's LayerNorm and residual sum give the generic
