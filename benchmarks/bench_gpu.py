@@ -337,9 +337,10 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
     the timer does not pay (with such waits the fast layers' step on an H200 left the GPU
     idle 87 ms of 575, much of it between steps). For the same reason the tokens are summed
     on the device by a hook on the model's training forwards, not by the Trainer
-    (`include_num_input_tokens_seen` reads them on the host at each micro-step). `check_token_count` turns the Trainer's count
-    on too, to compare (`trainer_tokens`). GRPO's batches hold no `input_ids`: there
-    `count_tokens=False` and the timer keeps times alone."""
+    (`include_num_input_tokens_seen` reads them on the host at each micro-step).
+    `check_token_count` turns the Trainer's count on too, to compare (`trainer_tokens`).
+    GRPO's batches hold no `input_ids`: there `count_tokens=False` and the timer keeps times
+    alone."""
     import torch
     from transformers import TrainerCallback
 
@@ -704,12 +705,11 @@ def compiled_ops(names):
     if names is None:
         yield
         return
-    saved = ft.COMPILED_OPS, ft._COMPILED_OPS
-    ft.COMPILED_OPS, ft._COMPILED_OPS = tuple(names), ft._LazyCompiledOps()
+    saved, ft._COMPILED_OPS = ft._COMPILED_OPS, ft._LazyCompiledOps(tuple(names))
     try:
         yield
     finally:
-        ft.COMPILED_OPS, ft._COMPILED_OPS = saved
+        ft._COMPILED_OPS = saved
 
 
 def plain_trl_sft(model_dir: Path, ctx: dict, steps: int, out_dir: Path, timer):

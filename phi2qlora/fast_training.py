@@ -402,12 +402,15 @@ _EAGER_OPS = _Ops(lambda fn: fn)
 
 
 class _LazyCompiledOps:
-    """`_Ops` with `COMPILED_OPS` under torch.compile, built at first use. Dynamic shapes:
-    grouped batches change length at every step, and one compiled graph serves them all
-    (no recompiles as lengths or layers change: tests/test_fast_training.py)."""
+    """`_Ops` with `names` (`COMPILED_OPS`) under torch.compile, built at first use. Dynamic
+    shapes: grouped batches change length at every step, and one compiled graph serves them
+    all (no recompiles as lengths or layers change: tests/test_fast_training.py)."""
+
+    def __init__(self, names=COMPILED_OPS):
+        self._names = names
 
     def __getattr__(self, name):
-        ops = _Ops(lambda fn: torch.compile(fn, dynamic=True), COMPILED_OPS)
+        ops = _Ops(lambda fn: torch.compile(fn, dynamic=True), self._names)
         self.__dict__.update(ops.__dict__)
         return getattr(ops, name)
 

@@ -154,14 +154,14 @@ def test_compile_jobs_report_compile_time_and_graphs(ctx):
     compiled ops lasts for that job only."""
     from phi2qlora import fast_training as ft
 
-    default = ft.COMPILED_OPS
+    default, default_ops = ft.COMPILED_OPS, ft._COMPILED_OPS
     job = dict(bench.ALL_JOBS["g64 ckpt compile all"], steps=2, warmup=1, profile=False)
     result = bench.run_job_here(job, ctx)
     assert result["ok"] and result["layers"] == "fast", result
     # heads, attend and act at least: norm and residual may reuse graphs an earlier test built
     assert result["graphs_compiled"] >= 3 and result["compile_s"] > 0, result
     assert result["graphs_compiled_timed"] == 0, result
-    assert ft.COMPILED_OPS == default and "compiled" in bench.table([result])
+    assert ft.COMPILED_OPS == default and ft._COMPILED_OPS is default_ops and "compiled" in bench.table([result])
 
 
 def test_t4_projection_scales_products_by_flops_and_the_rest_by_bandwidth():
