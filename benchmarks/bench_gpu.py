@@ -328,7 +328,7 @@ def sync():
 
 
 def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, profile_out: Path | None = None,
-               count_tokens: bool = True, check_token_count: bool = False):
+               count_tokens: bool = True, check_token_count: bool = False, cprofile_out: Path | None = None):
     """A TrainerCallback timing each optimizer step end to end, with the real (non-pad) tokens
     its training forwards carried. After the measured steps it can profile a few more.
 
@@ -339,6 +339,8 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
     on the device by a hook on the model's training forwards, not by the Trainer
     (`include_num_input_tokens_seen` reads them on the host at each micro-step).
     `check_token_count` turns the Trainer's count on too, to compare (`trainer_tokens`).
+    `cprofile_out`: the timed steps' Python under cProfile (its overhead slows them), the
+    functions with the most time to that file: where the host's time goes when the GPU waits.
     GRPO's batches hold no `input_ids`: there `count_tokens=False` and the timer keeps times
     alone."""
     import torch
@@ -358,7 +360,7 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
         def __init__(self):
             self.times, self.tokens, self.trainer_tokens, self.profile = [], [], [], None
             self.marks, self.seen, self.hook = [], None, None
-            self.graphs_before_window = 0
+            self.graphs_before_window, self.python = 0, None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if check_token_count:  # the Trainer's count, summed over processes (a GPU sync a micro-step)
@@ -382,6 +384,9 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
             in_window = step > warmup and (measure is None or step <= warmup + measure)
             if in_window and self.profile is None:
                 self.marks.append(self.mark(state))
+            if self.python is not None and measure is not None and step == warmup + measure:
+                write_cprofile(self.python, cprofile_out)
+                self.python = None
             if profile_steps and measure is not None and step == warmup + measure:
                 self.read_marks()
                 self.profile, self.profile_seen = start_profiler(), self.summed(self.seen).item()
@@ -397,6 +402,11 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
             if step == warmup:  # the window starts here
                 self.marks = [self.mark(state)]
                 self.graphs_before_window = compile_stats()[0]
+                if cprofile_out is not None:
+                    import cProfile
+
+                    self.python = cProfile.Profile()  # Python 3.12+: every thread's calls (the backward's too)
+                    self.python.enable()
 
         def mark(self, state):
             """Now: on the GPU's stream (or the clock), the tokens counted, the Trainer's count."""
@@ -430,6 +440,18 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
                     self.trainer_tokens.append(trainer_b - trainer_a)
 
     return StepTimer()
+
+
+def write_cprofile(python, out: Path) -> None:
+    import io
+    import pstats
+
+    python.disable()
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(python, stream=text).sort_stats(key).print_stats(40)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.getvalue())
 
 
 def start_profiler():
@@ -646,7 +668,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
     measure = steps
     out_dir = Path(ctx["work"]) / slug(job["name"])
     timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json",
-                       check_token_count=ctx.get("check_token_count", False))
+                       check_token_count=ctx.get("check_token_count", False),
+                       cprofile_out=Path(ctx["out"]) / f"cprofile_{slug(job['name'])}.txt" if ctx.get("cprofile") else None)
     total = warmup + measure + profile
     # Loss-match jobs run without dropout (Phi-2's resid_pdrop too): the paths draw their CUDA
     # masks differently, so only dropout-free losses can be held to a tolerance.
@@ -666,8 +689,11 @@ def run_sft(job: dict, ctx: dict) -> dict:
         with compiled_ops(job.get("compiled_ops")):
             trainer = recipe_sft(model_dir, ctx, job, total, out_dir, timer)
     if (now := compile_stats())[0] > graphs:  # torch.compile ran: its time, and whether new lengths recompiled
+        from torch._dynamo.utils import counters
+
         extra = dict(graphs_compiled=now[0] - graphs, compile_s=round(now[1] - compile_s, 1),
-                     graphs_compiled_timed=now[0] - timer.graphs_before_window)
+                     graphs_compiled_timed=now[0] - timer.graphs_before_window,
+                     dynamo_counters={k: dict(v) for k, v in counters.items() if k in ("frames", "graph_break", "recompiles")})
     else:
         extra = {}
     result = {**extra, **summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),
@@ -1124,7 +1150,7 @@ def prepare(args) -> dict:
         "eval_file": str(write_jsonl(work / "eval.jsonl", synth_conversations(tokenizer, 64, seed=2))),
         "prompts_file": str(write_jsonl(work / "prompts.jsonl", synth_prompts(400))),
         "sft_recipe": str(args.sft_recipe), "grpo_recipe": str(args.grpo_recipe),
-        "adapter": str(work / "adapter"),
+        "adapter": str(work / "adapter"), "cprofile": args.cprofile,
     }
     ctx.update(extra)
     return ctx
@@ -1260,6 +1286,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps a SFT job")
     p.add_argument("--warmup", type=int, default=3, help="steps dropped before timing")
     p.add_argument("--profile_steps", type=int, default=2, help="steps profiled after the timed ones (jobs that ask)")
+    p.add_argument("--cprofile", action="store_true",
+                   help="the SFT jobs' timed steps under cProfile: cprofile_<job>.txt (slows them: times not comparable)")
     p.add_argument("--train_examples", type=int, default=2500)
     p.add_argument("--grpo_steps", type=int, default=None, help="override the GRPO jobs' step counts")
     p.add_argument("--time_budget", type=float, default=560, help="seconds; jobs that would start later are skipped")

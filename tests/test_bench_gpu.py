@@ -64,7 +64,8 @@ def test_median_tokens_2000_fills_every_row(tiny_model_dir, tmp_path):
 
 def test_sft_jobs_count_real_tokens(ctx):
     # The timer sums the tokens on the device; here the Trainer counts them too, to compare.
-    ctx = {**ctx, "check_token_count": True}
+    # --cprofile: the timed steps' Python, the Trainer's step among it.
+    ctx = {**ctx, "check_token_count": True, "cprofile": True}
     plain = bench.run_job_here(bench.ALL_JOBS["trl-defaults"], ctx)
     padded = bench.run_job_here(bench.ALL_JOBS["recipe-seed"], ctx)
     packed = bench.run_job_here(bench.ALL_JOBS["+packing"], ctx)
@@ -81,6 +82,8 @@ def test_sft_jobs_count_real_tokens(ctx):
     assert plain["activation"] == "NewGELUActivation" and padded["activation"] == "GELUTanh"
     assert (plain["kernels_per_step"] if "kernels_per_step" in plain else 0) == 0  # the CPU has no kernels to count
     assert (bench.Path(ctx["out"]) / "profile_trl-defaults.json").is_file()
+    python = (bench.Path(ctx["out"]) / "cprofile_recipe-seed.txt").read_text()
+    assert "function calls" in python and "training_step" in python
     # Previews: one at the start, one at the end; their share at the recipe's cadence.
     every = bench.recipe_value(ctx["sft_recipe"], "preview_steps")
     assert padded["previews"] == 2 and padded["preview_every"] == every > 1
