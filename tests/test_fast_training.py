@@ -135,7 +135,11 @@ def test_compiled_ops_equal_the_generic_path_and_other_lengths_reuse_their_graph
     runs on the graphs already built, as grouped batches of changing lengths will."""
     from torch._dynamo.utils import counters
 
+    from torch._inductor import config as inductor_config
+
     monkeypatch.setattr(ft, "_COMPILED_OPS", ft._LazyCompiledOps())  # this test's own graphs
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 4)
     model = peft_model(tiny_model_dir, tokenizer, lora_dropout=0.1, resid_pdrop=0.1)
     enc, labels = batch(tokenizer)
     generic = forward_backward(model, enc, labels, fast=False, checkpointing=True)
@@ -143,6 +147,7 @@ def test_compiled_ops_equal_the_generic_path_and_other_lengths_reuse_their_graph
     compiled = forward_backward(model, enc, labels, fast=True, checkpointing=True, compile=True)
     assert fast_calls and counters["stats"]["unique_graphs"] > graphs  # the compiled ops ran
     assert_same(generic, compiled, enc["attention_mask"].bool())
+    assert inductor_config.compile_threads == 1  # compiled in this process: no pool of workers left running
     graphs = counters["stats"]["unique_graphs"]
     shorter = {name: tensor[1:, :-3] for name, tensor in enc.items()}
     forward_backward(model, shorter, labels[1:, :-3], fast=True, checkpointing=True, compile=True)
