@@ -385,10 +385,11 @@ _OPS = dict(norm=_norm, heads=_heads, attend=_attend, act=_act, residual=_residu
 # The ops `--fast_training compile` hands to Inductor: the two where it has work to fuse, the
 # fp32 residual stream's conversions (LayerNorm and its cast to 16 bits; the three-way sum
 # and, backward, its two casts). The others are one library kernel each already (bmm, sdpa,
-# gelu). Compiling does not pay on this layer (PERFORMANCE.md, "Fast training layers", #24-
-# #27): on an H100 (2026-12-07) the GPU time a token did not drop (44 us against 42 eager),
-# and each compiled call adds host time, so a step took 0.63 s against 0.57 (all five ops
-# compiled: 0.65 s). Hence not the default, and only these two.
+# gelu). On an H100 (2026-12-07, PERFORMANCE.md, "Fast training layers", #24-#28) these two
+# compiled, with Inductor's worker pool left out (`_compile_in_this_process`), gave 23,589
+# tok/s against eager's 22,178 (another call); all five compiled saved no more GPU time and
+# took 3x the compiling. Not the default: on a T4 it is a win only if a whole T4-length run
+# gains, and T4 mode measured it only with the worker pool alive (23% slower, #27).
 COMPILED_OPS = ("norm", "residual")
 
 
