@@ -667,9 +667,9 @@ def run_sft(job: dict, ctx: dict) -> dict:
     profile = ctx["profile_steps"] if job.get("profile") else 0
     measure = steps
     out_dir = Path(ctx["work"]) / slug(job["name"])
+    python_out = Path(ctx["out"]) / f"cprofile_{slug(job['name'])}.txt" if ctx.get("cprofile") else None
     timer = step_timer(warmup, measure, profile, Path(ctx["out"]) / f"profile_{slug(job['name'])}.json",
-                       check_token_count=ctx.get("check_token_count", False),
-                       cprofile_out=Path(ctx["out"]) / f"cprofile_{slug(job['name'])}.txt" if ctx.get("cprofile") else None)
+                       check_token_count=ctx.get("check_token_count", False), cprofile_out=python_out)
     total = warmup + measure + profile
     # Loss-match jobs run without dropout (Phi-2's resid_pdrop too): the paths draw their CUDA
     # masks differently, so only dropout-free losses can be held to a tolerance.
@@ -693,7 +693,8 @@ def run_sft(job: dict, ctx: dict) -> dict:
 
         extra = dict(graphs_compiled=now[0] - graphs, compile_s=round(now[1] - compile_s, 1),
                      graphs_compiled_timed=now[0] - timer.graphs_before_window,
-                     dynamo_counters={k: dict(v) for k, v in counters.items() if k in ("frames", "graph_break", "recompiles")})
+                     dynamo_counters={k: dict(v) for k, v in counters.items()
+                                      if k in ("frames", "graph_break", "recompiles")})
     else:
         extra = {}
     result = {**extra, **summarize(timer.times, timer.tokens, timer.trainer_tokens), **memory(),

@@ -424,8 +424,8 @@ def _compile_in_this_process():
     """Inductor compiles these few small graphs in this process, not in its pool of worker
     processes (torch 2.11's default: one a core). With the pool alive a training step on an
     H100 (2026-12-07, torch 2.11) had a host floor of ~0.6 s: the compiled layers ran at
-    15,104-17,032 tok/s, against 23,589 with `TORCHINDUCTOR_COMPILE_THREADS=1`, and their
-    two graphs compiled in 1 s instead of 4 (PERFORMANCE.md, "Fast training layers", #28).
+    17,032 tok/s, against 23,589 with `TORCHINDUCTOR_COMPILE_THREADS=1`, and their two
+    graphs compiled in 1.3 s instead of 5 (PERFORMANCE.md, "Fast training layers", #25, #28).
     A value the user set in that variable is kept."""
     import os
 
