@@ -382,12 +382,13 @@ def step_timer(warmup: int, measure: int | None = None, profile_steps: int = 0, 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
             in_window = step > warmup and (measure is None or step <= warmup + measure)
+            window_ends = measure is not None and step == warmup + measure
             if in_window and self.profile is None:
                 self.marks.append(self.mark(state))
-            if self.python is not None and measure is not None and step == warmup + measure:
+            if self.python is not None and window_ends:
                 write_cprofile(self.python, cprofile_out)
                 self.python = None
-            if profile_steps and measure is not None and step == warmup + measure:
+            if profile_steps and window_ends:
                 self.read_marks()
                 self.profile, self.profile_seen = start_profiler(), self.summed(self.seen).item()
             elif self.profile is not None and step == warmup + measure + profile_steps:
