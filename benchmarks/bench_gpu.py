@@ -216,7 +216,12 @@ JOBS["t4 fast"] = [
     sft_job("t4 sft recipe fast", FAST_LAYERS, preview=True, steps=30, warmup=5, recipe_as_is=True, profile=True,
             why="the same on the fast layers"),
     sft_job("t4 sft recipe compile", ["--fast_training", "compile"], steps=30, warmup=6, recipe_as_is=True,
+            profile=True,
             why="the same with LayerNorm and the residual sum compiled: a T4-length run pays the compile once"),
+    sft_job("t4 sft 16x1 generic", ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+                                    "--gradient_checkpointing", "true", "--fast_training", "false"],
+            preview=True, steps=30, warmup=5, recipe_as_is=True, profile=True,
+            why="the T4 recipe's plan before the fast layers, 16 x 1 with checkpointing, generic layers"),
     sft_job("t4 sft 8x2 fast", [*PATCHED[-6:], *FAST_LAYERS], steps=20, warmup=5, recipe_as_is=True, profile=True,
             gelu="tanh", why="the fast layers at 8 x 2 without checkpointing: no recomputed forward, a third fewer "
                              "FLOPs (a T4 is arithmetic-bound), if the memory fits 15 GiB"),
