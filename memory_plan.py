@@ -65,7 +65,8 @@ SLACK_FACTOR, CONTEXT_GIB = 1.1, 0.5
 # in PERFORMANCE.md; the generic path without checkpointing: run 2, not run since). t4: not
 # measured on a T4; bench_gpu.py's T4 projection of the H100 kernels (PERFORMANCE.md, "Fast
 # training layers": 583 tok/s generic and 716 fast with checkpointing, 996 fast without),
-# the generic path without checkpointing scaled as the fast one scales; small host terms.
+# the generic path without checkpointing 1.23x the fast one's cost a token (706 against 869
+# tok/s projected in one call, #35, 2026-12-07); small host terms.
 SPEED = {"h100": {(False, False): (0.25, 42e-6), (False, True): (0.24, 68e-6),
                   (True, False): (0.12, 22e-6), (True, True): (0.16, 31e-6)},
          "t4": {(False, False): (0.05, 1.23e-3), (False, True): (0.08, 1.72e-3),

@@ -35,8 +35,9 @@ class RunArguments:
     fast_training: Literal["auto", "true", "false", "compile"] = field(
         default="auto", metadata={"help": "train through phi2qlora/fast_training.py's Phi-2 layers (true), the generic "
                                           "PEFT + bitsandbytes layers (false), the fast layers with LayerNorm and the "
-                                          "residual sum under torch.compile (compile: ~6% faster on an H100 across two "
-                                          "calls, not yet measured on a T4, PERFORMANCE.md), "
+                                          "residual sum under torch.compile (compile: 3-4% slower than true on an H100 "
+                                          "in the same call, no less GPU time a token in T4 mode: PERFORMANCE.md, "
+                                          "#31-#35), "
                                           "or auto: the fast layers on a verified GPU; a run prints which"}
     )
 

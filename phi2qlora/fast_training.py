@@ -385,11 +385,12 @@ _OPS = dict(norm=_norm, heads=_heads, attend=_attend, act=_act, residual=_residu
 # The ops `--fast_training compile` hands to Inductor: the two where it has work to fuse, the
 # fp32 residual stream's conversions (LayerNorm and its cast to 16 bits; the three-way sum
 # and, backward, its two casts). The others are one library kernel each already (bmm, sdpa,
-# gelu). On an H100 (2026-12-07, PERFORMANCE.md, "Fast training layers", #24-#28) these two
-# compiled, with Inductor's worker pool left out (`_compile_in_this_process`), gave 23,589
-# tok/s against eager's 22,178 (another call); all five compiled saved no more GPU time and
-# took 3x the compiling. Not the default: on a T4 it is a win only if a whole T4-length run
-# gains, and T4 mode measured it only with the worker pool alive (23% slower, #27).
+# gelu). On an H100 (2026-12-07, PERFORMANCE.md, "Fast training layers", #24-#35) these two
+# compiled, with Inductor's worker pool left out (`_compile_in_this_process`), ran 3-4%
+# behind the eager layers in the same call (8.1x and 6.25x plain TRL against 8.3x and 6.5x);
+# all five compiled saved no more GPU time and took 3x the compiling. Not the default: in T4
+# mode their GPU time a token is no lower (63-64 us against 61), so a T4-length run, whose
+# pace is the GPU's, has nothing to gain.
 COMPILED_OPS = ("norm", "residual")
 
 
